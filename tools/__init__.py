@@ -1,0 +1,1 @@
+"""Thin command-line tools: `python -m tools.NAME --help`. Logic lives in kobllla/."""

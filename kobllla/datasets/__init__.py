@@ -1,0 +1,19 @@
+"""torchtune dataset builders for the KoBLLa stages, usable as ``_component_`` in configs.
+
+- :func:`kowikitext_dataset`: stage 1, Korean Wikipedia text completion, no token dropped.
+- :func:`kolima_dataset`: stage 3, KoLIMA chat (LIMA rows or the seed's ``[sep]`` CSV).
+- :func:`bilima_dataset`: stage 3, bilingual LIMA (``en_ko`` / ``ko_en``).
+"""
+
+from kobllla.datasets._bilima import bilima_dataset
+from kobllla.datasets._chat import ChatDataset, kolima_dataset
+from kobllla.datasets._ko_wiki import PackedTextDataset, TextWindowDataset, kowikitext_dataset
+
+__all__ = [
+    "ChatDataset",
+    "PackedTextDataset",
+    "TextWindowDataset",
+    "bilima_dataset",
+    "kolima_dataset",
+    "kowikitext_dataset",
+]

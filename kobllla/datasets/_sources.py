@@ -1,0 +1,171 @@
+"""Reading rows from local files (csv, json, jsonl, parquet) or the Hugging Face hub.
+
+Local files are read here rather than through ``datasets.load_dataset`` so that every error
+names the file, the row and the field, and nothing is cached or copied. Hub ids go through
+``datasets.load_dataset``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+LOCAL_FORMATS = ("csv", "json", "jsonl", "parquet")
+_SUFFIX_FORMAT = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class RowRef:
+    """Where a row came from, for error messages: ``kolima.jsonl row 12``."""
+
+    origin: str
+    row: int
+
+    def __str__(self) -> str:
+        return f"{self.origin} row {self.row}"
+
+
+def _format_of(path: Path, declared: str | None) -> str:
+    if declared in ("csv", "parquet", "jsonl"):
+        return declared
+    suffix_format = _SUFFIX_FORMAT.get(path.suffix.lower())
+    if declared == "json":
+        return "jsonl" if suffix_format == "jsonl" else "json"
+    if suffix_format is None:
+        raise ValueError(
+            f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
+            f"use one of {sorted(_SUFFIX_FORMAT)} or set source: csv|json|parquet"
+        )
+    return suffix_format
+
+
+def _iter_csv(path: Path) -> Iterator[Row]:
+    csv.field_size_limit(sys.maxsize)
+    with open(path, newline="", encoding="utf-8") as handle:
+        yield from csv.DictReader(handle)
+
+
+def _iter_jsonl(path: Path) -> Iterator[Row]:
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} line {line_no}: not valid JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path} line {line_no}: expected a JSON object per line, found {type(obj).__name__}")
+            yield obj
+
+
+def _iter_json(path: Path) -> Iterator[Row]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # JSON Lines in a .json file
+            yield from _iter_jsonl(path)
+            return
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+    if isinstance(obj, dict):
+        yield obj
+        return
+    if not isinstance(obj, list):
+        raise ValueError(f"{path}: expected a list of objects or JSON Lines, found {type(obj).__name__}")
+    for i, item in enumerate(obj, start=1):
+        if not isinstance(item, dict):
+            raise ValueError(f"{path} row {i}: expected an object, found {type(item).__name__}")
+        yield item
+
+
+def _iter_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise ValueError(f"{path}: not a readable parquet file ({exc})") from None
+    for batch in parquet.iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
+
+
+_READERS = {"csv": _iter_csv, "json": _iter_json, "jsonl": _iter_jsonl, "parquet": _iter_parquet}
+
+
+def _local_files(source: str, data_files: str | list[str] | None) -> tuple[list[Path], str | None] | None:
+    """Returns (files, declared format) for local input, or None for a hub id."""
+    if source in LOCAL_FORMATS:
+        if not data_files:
+            raise ValueError(f"source: {source} needs data_files: <path> (one path or a list)")
+        files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+        return [Path(f).expanduser() for f in files], source
+    path = Path(source).expanduser()
+    if path.suffix.lower() in _SUFFIX_FORMAT or path.exists() or source.startswith((".", "/", "~")):
+        return [path], None
+    return None
+
+
+def iter_rows(
+    source: str,
+    *,
+    data_files: str | list[str] | None = None,
+    name: str | None = None,
+    split: str = "train",
+) -> Iterator[tuple[RowRef, Row]]:
+    """Yields ``(RowRef, row)`` for every row, in file order.
+
+    Args:
+        source (str): ``csv``/``json``/``jsonl``/``parquet`` (with ``data_files``), a path to a
+            local file, or a Hugging Face hub dataset id.
+        data_files (str | list[str] | None): local file(s) when ``source`` names a format.
+        name (str | None): hub dataset configuration (e.g. ``20231101.ko``).
+        split (str): hub split; local files are read whole.
+
+    Raises:
+        FileNotFoundError: a local file does not exist.
+        ValueError: unknown format, unreadable file, or a file with no rows.
+    """
+    local = _local_files(source, data_files)
+    if local is None:
+        yield from _iter_hub(source, name=name, split=split)
+        return
+    files, declared = local
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file; check data_files/source in the dataset config")
+        reader = _READERS[_format_of(path, declared)]
+        count = 0
+        try:
+            for count, row in enumerate(reader(path), start=1):
+                yield RowRef(path.name, count), row
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it as UTF-8") from None
+        if count == 0:
+            raise ValueError(f"{path}: the file has no rows; point data_files at a non-empty file")
+
+
+def _iter_hub(source: str, *, name: str | None, split: str) -> Iterator[tuple[RowRef, Row]]:
+    from datasets import load_dataset
+
+    dataset = load_dataset(source, name=name, split=split)
+    origin = f"{source}{'/' + name if name else ''}[{split}]"
+    for i, row in enumerate(dataset, start=1):
+        yield RowRef(origin, i), row
+
+
+def require_field(ref: RowRef, row: Row, field: str, *, config_key: str) -> Any:
+    """Returns ``row[field]`` or raises naming the file, row, field and the columns present."""
+    if field not in row:
+        present = ", ".join(sorted(map(str, row))) or "none"
+        raise ValueError(
+            f"{ref}: no field {field!r} (fields: {present}); set {config_key}: <name> in the dataset config"
+        )
+    return row[field]

@@ -1,0 +1,45 @@
+"""Shared fixtures: the real Llama 3 tokenizer, fixture paths, tiny HF checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).parent / "assets"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    return ASSETS
+
+
+def make_llama3_tokenizer(max_seq_len: int | None = None):
+    from torchtune.models.llama3 import llama3_tokenizer
+
+    from kobllla.assets import llama3_tokenizer_model_path
+
+    return llama3_tokenizer(str(llama3_tokenizer_model_path()), max_seq_len=max_seq_len)
+
+
+@pytest.fixture(scope="session")
+def llama3_tok():
+    """torchtune's Llama3Tokenizer on Meta's tokenizer.model, no length limit."""
+    return make_llama3_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A random-init tiny Llama 3 base checkpoint in HF format (seed 0, bf16)."""
+    from kobllla.tiny_model import make_model
+
+    return make_model(tmp_path_factory.mktemp("models") / "tiny-base", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_instruct(tmp_path_factory) -> Path:
+    """Its instruct sibling (seed 1, eos <|eot_id|>)."""
+    from kobllla.tiny_model import make_model
+
+    return make_model(tmp_path_factory.mktemp("models") / "tiny-instruct", preset="tiny", flavor="instruct", seed=1)

@@ -1,0 +1,221 @@
+"""Run lm_eval (0.4.13, its Python API) on one checkpoint and store the result as a run record.
+
+torchtune 0.6.1's ``eleuther_eval`` recipe refuses lm_eval 0.4.13 (it compares versions as
+strings), so we drive lm_eval's HF model directly on the HF-format dirs every stage writes. The
+model is loaded once and also scores the held-out perplexity texts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from kobllla.evaluation._checkpoint import resolve_model
+from kobllla.evaluation._perplexity import HELDOUT_VERSION, perplexity_of_texts, read_heldout
+from kobllla.evaluation._store import RUN_SCHEMA, check_label, new_run_id, save_run
+from kobllla.evaluation._tasks import TASKS, data_source, resolve_tasks, write_task_yamls
+
+log = logging.getLogger(__name__)
+
+Device = Literal["auto", "cuda", "cpu"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+# lm_eval's "auto" batch size probes with a 64 x max_length batch: on CPU that can exhaust RAM
+# (64 x 2048 x 128,256 fp32 logits = 67 GB), so "auto" means this on CPU.
+CPU_AUTO_BATCH = 4
+
+
+def _resolve_device(device: Device) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cuda, cuda:N or cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but torch sees no GPU; pass --device cpu")
+    return device
+
+
+def _resolve_dtype(dtype: DType, device: str) -> str:
+    if dtype == "auto":  # bf16 on GPU as Meta ships; fp32 on CPU, where bf16 is several times slower
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, bfloat16, float16 or float32")
+    return dtype
+
+
+def _clean(value) -> float | None:
+    if value is None or value == "N/A":
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _task_entries(out: dict, sources: dict[str, dict]) -> dict[str, dict]:
+    """Our per-task record from lm_eval's results dict."""
+    entries = {}
+    for task, scores in out["results"].items():
+        metrics = {}
+        for key, value in scores.items():
+            if "," not in key or "_stderr," in key:
+                continue
+            metric, filt = key.split(",", 1)
+            name = metric if filt == "none" else key
+            metrics[name] = {
+                "value": _clean(value),
+                "stderr": _clean(scores.get(f"{metric}_stderr,{filt}")),
+                "higher_is_better": bool(out["higher_is_better"].get(task, {}).get(metric, True)),
+            }
+        n = out["n-samples"][task]
+        entries[task] = {
+            "version": out["versions"][task],
+            "n_shot": out["n-shot"][task],
+            "n_samples": {"original": n["original"], "effective": n["effective"]},
+            "data": sources[task],
+            "metrics": metrics,
+        }
+    return entries
+
+
+def _heldout_entries(lm, docs: dict[str, list[str]], sources: dict[str, dict], stride: int | None) -> dict[str, dict]:
+    entries = {}
+    for lang, lang_docs in docs.items():
+        scores = perplexity_of_texts(lm.model, lm.tokenizer, lang_docs, max_length=lm.max_length, stride=stride)
+        entries[f"heldout_{lang}"] = {
+            "version": HELDOUT_VERSION,
+            "n_shot": 0,
+            "n_samples": {"original": scores["documents"], "effective": scores["documents"]},
+            "data": sources[lang],
+            "metrics": {
+                "token_ppl": {"value": scores["token_ppl"], "stderr": None, "higher_is_better": False},
+                "bits_per_byte": {"value": scores["bits_per_byte"], "stderr": None, "higher_is_better": False},
+            },
+            "counts": {"tokens": scores["tokens"], "bytes": scores["bytes"], "nll": scores["nll"]},
+        }
+    return entries
+
+
+def _heldout_sources(heldout: dict[str, Path | list[str]]) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    import hashlib
+
+    docs, sources = {}, {}
+    for lang, src in heldout.items():
+        check_label(lang)
+        docs[lang] = read_heldout(src)
+        digest = hashlib.sha256("\n\n".join(docs[lang]).encode("utf-8")).hexdigest()
+        where = "inline" if isinstance(src, list) else str(Path(src).resolve())
+        sources[lang] = {"source": "local", "files": {"text": {"path": where, "sha256": digest, "rows": len(docs[lang])}}}
+    return docs, sources
+
+
+def evaluate_model(
+    model: str | Path,
+    *,
+    label: str,
+    suites: list[str] | tuple[str, ...] = (),
+    tasks: list[str] | tuple[str, ...] = (),
+    data_dir: Path | None = None,
+    heldout: dict[str, Path | list[str]] | None = None,
+    device: Device = "auto",
+    dtype: DType = "auto",
+    batch_size: int | Literal["auto"] = "auto",
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    max_length: int | None = None,
+    heldout_stride: int | None = None,
+    bootstrap_iters: int = 100_000,
+    results_dir: Path | None = None,
+) -> dict:
+    """Evaluates one checkpoint on suites/tasks (and held-out perplexity); returns the run record.
+
+    Everything is checked before the model loads: the checkpoint dir (config, weights, tokenizer),
+    task and suite names, every local data file row by row, and the held-out texts.
+
+    Args:
+        model: HF checkpoint dir (e.g. a stage's ``epoch_0/``) or hub id.
+        label: name of this model in reports (``base``, ``stage1``...).
+        suites: names in ``SUITES`` (``english_retention``, ``korean``, ``kobest``, ``haerae``, ``kmmlu``).
+        tasks: extra task names from ``TASKS``.
+        data_dir: local copies of the datasets (layout in ``kobllla.evaluation._tasks``); None: the hub.
+        heldout: language -> held-out text (``.txt``/``.jsonl`` or list) scored for perplexity.
+        device: ``auto`` (cuda if available), ``cuda`` or ``cpu``.
+        dtype: ``auto`` (bf16 on GPU, fp32 on CPU) or an explicit dtype.
+        batch_size: an int, or ``auto`` (lm_eval's probe on GPU, ``CPU_AUTO_BATCH`` on CPU).
+        limit: lm_eval's ``--limit`` for smoke runs (samples per task, or a fraction < 1).
+        num_fewshot: override the tasks' n-shot (None: each task's default).
+        max_length: context length lm_eval uses (None: the model config's).
+        heldout_stride: scored tokens per perplexity window (None: disjoint windows).
+        bootstrap_iters: lm_eval's bootstrap iterations for non-mean metrics' stderr.
+        results_dir: where to store the record and append history (None: not stored).
+
+    Returns:
+        dict: the run record (see ``kobllla.evaluation._store``), with ``path`` if stored.
+
+    Raises:
+        FileNotFoundError, ValueError: bad checkpoint, name, data file or option (one line each).
+    """
+    check_label(label)
+    names = resolve_tasks(suites=suites, tasks=tasks) if (suites or tasks or not heldout) else []
+    ref = resolve_model(model)
+    sources = {name: data_source(TASKS[name], data_dir, num_fewshot) for name in names}
+    docs, heldout_sources = _heldout_sources(heldout or {})
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)
+    if batch_size == "auto" and device == "cpu":
+        batch_size = CPU_AUTO_BATCH
+    started = datetime.now(timezone.utc)
+    lm, out = _run_lm_eval(ref.spec, names, sources, device=device, dtype=dtype, batch_size=batch_size,
+                           limit=limit, num_fewshot=num_fewshot, max_length=max_length,
+                           bootstrap_iters=bootstrap_iters)
+    task_entries = _task_entries(out, sources) if out else {}
+    task_entries.update(_heldout_entries(lm, docs, heldout_sources, heldout_stride))
+    record = _record(label, ref, started, device=device, dtype=dtype, batch_size=batch_size,
+                     max_length=lm.max_length, limit=limit, tasks=task_entries, results_dir=results_dir)
+    if results_dir is not None:
+        record["path"] = str(save_run(record, Path(results_dir)))
+    return record
+
+
+def _run_lm_eval(spec: str, names: list[str], sources: dict[str, dict], *, device: str, dtype: str,
+                 batch_size, limit, num_fewshot, max_length, bootstrap_iters: int):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=spec, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length)
+    if not names:
+        return lm, None
+    with tempfile.TemporaryDirectory(prefix="kobllla-tasks-") as include_dir:
+        write_task_yamls([TASKS[n] for n in names], sources, Path(include_dir))
+        manager = TaskManager(include_path=include_dir, include_defaults=False)
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+            bootstrap_iters=bootstrap_iters, log_samples=False,
+        )
+    return lm, out
+
+
+def _record(label: str, ref, started: datetime, *, device: str, dtype: str, batch_size, max_length: int,
+            limit, tasks: dict, results_dir: Path | None) -> dict:
+    import lm_eval
+    import transformers
+
+    import kobllla
+
+    run_id = new_run_id(label, Path(results_dir), started) if results_dir else f"{started:%Y%m%dT%H%M%SZ}-{label}"
+    return {
+        "schema": RUN_SCHEMA,
+        "run_id": run_id,
+        "label": label,
+        "timestamp": started.isoformat(timespec="seconds"),
+        "model": {"spec": ref.spec, "local": ref.local, "fingerprint": ref.fingerprint, "device": device,
+                  "dtype": dtype, "batch_size": batch_size, "max_length": max_length},
+        "versions": {"lm_eval": lm_eval.__version__, "transformers": transformers.__version__,
+                     "torch": torch.__version__, "kobllla": kobllla.__version__},
+        "limit": limit,
+        "tasks": tasks,
+    }

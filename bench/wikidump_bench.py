@@ -1,0 +1,118 @@
+"""Benchmark of the ko-wikitext builder: parser choice, pages/s and peak RSS on generated dumps.
+
+    .venv/bin/python bench/wikidump_bench.py --sizes 5000,20000 --workdir /tmp/wikibench
+
+1. Writes multistream bz2 dumps of realistic Korean pages (tests/_wikidump_fixture.py).
+2. Parser choice: converts the same 2,000 articles in one process with mwparserfromhell (the
+   builder's converter) and with a wikitextparser pipeline doing the same removals.
+3. Runs ``python -m tools.build_kowikitext`` on each dump with 1 worker and with every core;
+   reports pages/s and the peak RSS of the largest process (the reader or a worker). Flat RSS
+   across dump sizes is the constant-memory claim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kobllla.wiki.dump import DumpReader  # noqa: E402
+from kobllla.wiki.text import DEFAULT_DROP_SECTIONS, clean_block, wikitext_to_text  # noqa: E402
+from tests._wikidump_fixture import realistic_pages, write_dump  # noqa: E402
+
+
+def wtp_text(title: str, wikitext: str) -> str:
+    """The same conversion with wikitextparser: sections, ref/file/category removal, plain_text."""
+    import wikitextparser as wtp
+
+    parsed = wtp.parse(wikitext)
+    for tag in parsed.get_tags():
+        if tag.name in ("ref", "references", "gallery", "math"):
+            tag.string = ""
+    for link in parsed.wikilinks:
+        if link.title.split(":", 1)[0].strip() in ("파일", "분류", "File", "Category", "en"):
+            link.string = ""
+    blocks, drop_level = [f" = {title} ="], None
+    for section in parsed.get_sections(include_subsections=False):
+        level, head = section.level, (section.title or "").strip()
+        if drop_level is not None and level > drop_level:
+            continue
+        drop_level = level if head in DEFAULT_DROP_SECTIONS else None
+        if drop_level is None:
+            body = section.contents if level else section.string
+            text = clean_block(wtp.parse(body).plain_text(replace_tables=False).replace("{|", ""))
+            blocks += ([" " + "= " * level + head + " =" * level] if head else []) + ([text] if text else [])
+    return "\n\n".join(blocks)
+
+
+def parser_rates(dump: Path, n: int = 2000) -> dict[str, float]:
+    articles = [(p.title, p.text) for p in DumpReader(dump) if p.ns == 0 and not p.redirect][:n]
+    rates = {}
+    for name, fn in (("mwparserfromhell", lambda t, w: wikitext_to_text(t, w).text), ("wikitextparser", wtp_text)):
+        start = time.perf_counter()
+        for title, text in articles:
+            fn(title, text)
+        rates[name] = len(articles) / (time.perf_counter() - start)
+    return rates
+
+
+def _child(argv: list[str]) -> int:
+    """Runs the builder CLI in this process, then prints the peak RSS of it and of its workers."""
+    from tools.build_kowikitext import main as build
+
+    rc = build(argv)
+    print(json.dumps({
+        "reader_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "worker_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    }))
+    return rc
+
+
+def run_builder(dump: Path, out: Path, workers: int) -> dict:
+    start = time.perf_counter()
+    cmd = [sys.executable, __file__, "--child", "--dump", str(dump), "--out", str(out),
+           "--workers", str(workers), "--overwrite", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    rss = json.loads(proc.stdout.strip().splitlines()[-1])
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    return {
+        "workers": workers, "pages": manifest["pages"]["read"], "kept": manifest["pages"]["kept"],
+        "wall_s": round(wall, 1), "pages_per_s": round(manifest["pages"]["read"] / wall),
+        "reader_rss_mib": round(rss["reader_kib"] / 1024), "worker_rss_mib": round(rss["worker_kib"] / 1024),
+        "dump_mib": round(dump.stat().st_size / 2**20, 1), "chars": manifest["characters"],
+    }
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--child"]:
+        return _child(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="5000,20000", help="comma-separated page counts")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/wikibench"))
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    dumps = {}
+    for n in sizes:
+        dumps[n] = args.workdir / f"kowiki-{n}-pages-articles-multistream.xml.bz2"
+        if not dumps[n].exists():
+            write_dump(dumps[n], realistic_pages(n, seed=n), compress="multistream")
+    print("load:", os.getloadavg(), "cores:", os.cpu_count())
+    print("parser pages/s (1 process, 2,000 articles):", parser_rates(dumps[max(sizes)]))
+    for n in sizes:
+        for workers in sorted({1, os.cpu_count() or 1}):
+            print(json.dumps(run_builder(dumps[n], args.workdir / f"out-{n}-{workers}", workers)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

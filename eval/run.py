@@ -1,0 +1,91 @@
+"""Evaluate checkpoints on named lm_eval suites (and held-out perplexity); store one run record each.
+
+    python -m eval.run --model base=meta-llama/Meta-Llama-3-8B --model stage1=runs/stage1/epoch_0 \
+        --suite english_retention --suite korean --results-dir runs/eval
+    # offline, local copies of the datasets (layout: kobllla/evaluation/_tasks.py) + held-out text:
+    python -m eval.run --model stage1=runs/stage1/epoch_0 --suite english_retention \
+        --data-dir data/eval --heldout ko=heldout/ko.txt --heldout en=heldout/en.txt --results-dir runs/eval
+    # tiny CPU smoke run on the repo's fixtures (~30 s):
+    python -m tools.make_tiny_model --out runs/tiny/base --dtype float32
+    python -m eval.run --model tiny=runs/tiny/base --suite english_retention --data-dir tests/assets/eval/data \
+        --device cpu --results-dir runs/eval-smoke
+
+Suites: english_retention (truthfulqa_mc2 = the gate, truthfulqa_mc1), korean (kobest x5, haerae x5,
+a KMMLU subset), kobest, haerae, kmmlu (45 subjects). Then: python -m eval.report runs/eval ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kobllla.evaluation import SUITES, evaluate_model
+
+
+def _model_arg(text: str) -> tuple[str, str]:
+    label, sep, spec = text.partition("=")
+    if not sep:
+        spec = text
+        label = Path(text.rstrip("/")).name
+    return label, spec
+
+
+def _heldout_arg(text: str) -> tuple[str, Path]:
+    lang, sep, path = text.partition("=")
+    if not sep or not lang or not path:
+        raise argparse.ArgumentTypeError(f"--heldout takes LANG=FILE (e.g. ko=heldout/ko.txt), got {text!r}")
+    return lang, Path(path)
+
+
+def _batch_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-size takes an integer or 'auto', got {text!r}") from None
+
+
+def _limit_arg(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value >= 1 else value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="append", type=_model_arg, required=True, metavar="[LABEL=]PATH_OR_HUB_ID",
+                        help="checkpoint to evaluate (repeatable); LABEL names it in reports (default: dir name)")
+    parser.add_argument("--suite", action="append", default=[], help=f"suite to run (repeatable): {', '.join(SUITES)}")
+    parser.add_argument("--task", action="append", default=[], help="extra lm_eval task (repeatable), e.g. kobest_boolq")
+    parser.add_argument("--data-dir", type=Path, help="local copies of the datasets instead of the hub")
+    parser.add_argument("--heldout", action="append", type=_heldout_arg, default=[], metavar="LANG=FILE",
+                        help="held-out text (.txt or .jsonl) scored for perplexity (repeatable)")
+    parser.add_argument("--results-dir", type=Path, required=True, help="run records + history.jsonl go here")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--batch-size", type=_batch_arg, default="auto", help="integer or auto (default)")
+    parser.add_argument("--limit", type=_limit_arg, help="samples per task (or a fraction < 1) for smoke runs")
+    parser.add_argument("--num-fewshot", type=int, help="override every task's n-shot")
+    parser.add_argument("--max-length", type=int, help="context length (default: the model config's)")
+    args = parser.parse_args(argv)
+    for label, spec in args.model:
+        try:
+            record = evaluate_model(
+                spec, label=label, suites=args.suite, tasks=args.task, data_dir=args.data_dir,
+                heldout=dict(args.heldout), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                limit=args.limit, num_fewshot=args.num_fewshot, max_length=args.max_length,
+                results_dir=args.results_dir,
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{label}: wrote {record['path']}")
+        for task, entry in record["tasks"].items():
+            scores = ", ".join(f"{m} {e['value']:.4f}" for m, e in entry["metrics"].items() if e["value"] is not None)
+            print(f"  {task} (v{entry['version']}, {entry['n_shot']}-shot, n={entry['n_samples']['effective']}): {scores}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Real text that ships inside installed packages, for offline tests and the demo.
+
+* Korean: the Constitution of the Republic of Korea and ten National Assembly bills that
+  ``konlpy`` bundles under ``konlpy/data/corpus/`` (plain UTF-8 files; no JVM needed).
+* English: the Python reference's topic prose in the standard library's ``pydoc_data.topics``.
+
+Documents are split into a train and a held-out part deterministically (every k-th document),
+and written in the shape ``kowikitext_dataset`` reads (a CSV with a ``text`` column).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_ARTICLE = re.compile(r"^\s*(제\d+조(?:의\d+)?)\s", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: where it came from and its text."""
+
+    name: str
+    text: str
+
+
+def _konlpy_corpus_dir() -> Path:
+    try:
+        import konlpy
+    except ImportError as exc:
+        raise ImportError("the Korean demo corpus ships in konlpy: pip install 'kobllla[demo]' (konlpy==0.6.0)") from exc
+    return Path(konlpy.__file__).parent / "data" / "corpus"
+
+
+def constitution_articles() -> list[Document]:
+    """The Constitution's preamble and each article (제1조 ... 부칙), one document each."""
+    text = (_konlpy_corpus_dir() / "kolaw" / "constitution.txt").read_text(encoding="utf-8")
+    starts = [m.start() for m in _ARTICLE.finditer(text)]
+    pieces = [text[: starts[0]], *(text[a:b] for a, b in zip(starts, starts[1:] + [len(text)]))]
+    docs = []
+    for i, piece in enumerate(pieces):
+        lines = [ln.strip() for ln in piece.splitlines() if ln.strip()]
+        # chapter headings (제1장 총강) belong to the next article, not the end of this one
+        while lines and re.match(r"^제\d+장|^제\d+절|^부칙", lines[-1]) and i + 1 < len(pieces):
+            lines.pop()
+        if lines:
+            docs.append(Document(f"constitution/{i:03d}", "\n".join(lines)))
+    return docs
+
+
+def kobill_documents() -> list[Document]:
+    """The ten National Assembly bills, whitespace tidied, one document each."""
+    docs = []
+    for path in sorted((_konlpy_corpus_dir() / "kobill").glob("*.txt")):
+        lines = [re.sub(r"\s+", " ", ln).strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        docs.append(Document(f"kobill/{path.stem}", "\n".join(ln for ln in lines if ln)))
+    return docs
+
+
+def korean_documents() -> list[Document]:
+    """All Korean documents konlpy ships (147 documents, ~140 KB of text)."""
+    return constitution_articles() + kobill_documents()
+
+
+def english_documents() -> list[Document]:
+    """The Python reference's topics (``pydoc_data.topics``), one document per topic."""
+    from pydoc_data.topics import topics
+
+    return [Document(f"pydoc/{key}", text.strip()) for key, text in sorted(topics.items()) if text.strip()]
+
+
+def split_heldout(docs: list[Document], *, every: int = 10) -> tuple[list[Document], list[Document]]:
+    """Every ``every``-th document (by position) is held out; the rest is for training."""
+    if every < 2:
+        raise ValueError(f"every must be at least 2, got {every}")
+    held = [d for i, d in enumerate(docs) if i % every == every - 1]
+    train = [d for i, d in enumerate(docs) if i % every != every - 1]
+    return train, held
+
+
+def write_text_csv(path: Path, docs: list[Document], *, repeat: int = 1) -> Path:
+    """Writes a ``text``-column CSV (the seed's kowikitext shape), documents repeated ``repeat`` times."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text"])
+        for _ in range(repeat):
+            writer.writerows([d.text] for d in docs)
+    tmp.replace(path)
+    return path

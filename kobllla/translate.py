@@ -203,7 +203,7 @@ class ChatEndpoint:
                 reason = str(exc)
                 if attempt + 1 < self.max_attempts:
                     delay = min(self.backoff_max_s, self.backoff_s * 2**attempt) * (0.5 + random.random())
-                    self.sleep(exc.retry_after if exc.retry_after is not None else delay)
+                    self.sleep(min(self.backoff_max_s, exc.retry_after) if exc.retry_after is not None else delay)
         raise RowError(f"{reason} (gave up after {self.max_attempts} attempts)")
 
 

@@ -115,6 +115,14 @@ def test_reference_sections_are_configurable_and_take_their_subsections_along():
     )
 
 
+def test_labels_and_parentheses_emptied_by_removed_templates_go_and_magic_words_go():
+    wikitext = (
+        "'''서울'''(영어: {{lang|en|Seoul}}, 한자: 서울特別市)은 __NOTOC__ 도시이다. "
+        "비(영어: {{lang|en|rain}})가 온다. 그({{llang|en|he}}, )는 간다.__목차숨김__"
+    )
+    assert wikitext_to_text("서울", wikitext).text == " = 서울 =\n\n서울(한자: 서울特別市)은 도시이다. 비가 온다. 그는 간다."
+
+
 def test_text_is_nfc_even_when_the_dump_is_decomposed():
     page = wikitext_to_text(unicodedata.normalize("NFD", "한글"), unicodedata.normalize("NFD", "한글 문서이다."))
     assert page.text == " = 한글 =\n\n한글 문서이다."

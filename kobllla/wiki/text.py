@@ -8,7 +8,8 @@ blocks, and drops what is not running prose:
 - ``<ref>``/``<references>``, tables, galleries, math, timelines and other non-text tags;
 - file, image and category links, interlanguage links; bare URLs (``[url label]`` keeps the label);
 - reference sections (같이 보기, 각주, 참고 문헌, 외부 링크 by default) with their subsections;
-- sections left empty; parentheses left empty by removed templates (``서울(, )`` -> ``서울``).
+- sections left empty; parentheses and labels left empty by removed templates
+  (``서울(영어: {{lang|en|Seoul}}, 한자: 서울)`` -> ``서울(한자: 서울)``); magic words (``__NOTOC__``).
 
 Links keep their displayed text (``[[수도|수도이다]]`` -> ``수도이다``); list markers go, items stay
 one a line. The result is NFC-normalised.
@@ -38,6 +39,8 @@ _SPACES = re.compile(r"[ \t\u00a0\u200b]+")
 _EDGE_COMMA_L = re.compile(r"\(\s*[,;·]\s*")
 _EDGE_COMMA_R = re.compile(r"\s*[,;·]\s*\)")
 _EMPTY_PARENS = re.compile(r"\s?\(\s*\)")
+_EMPTY_LABEL = re.compile(r"([(,;]\s*)[^(),:;]{1,12}:\s*(?=[,;)])")  # "(영어: )" once {{lang}} is gone
+_MAGIC_WORD = re.compile(r"__[A-Z가-힣]+__")  # __NOTOC__, __목차숨김__
 _NO_WORDS = re.compile(r"[\W_]+")
 
 
@@ -88,7 +91,8 @@ def _render_node(node: object) -> str:
 
 
 def _clean_line(line: str) -> str:
-    line = _SPACES.sub(" ", line).strip()
+    line = _SPACES.sub(" ", _MAGIC_WORD.sub("", line)).strip()
+    line = _EMPTY_LABEL.sub(r"\1", line)
     line = _EDGE_COMMA_R.sub(")", _EDGE_COMMA_L.sub("(", line))
     line = _EMPTY_PARENS.sub("", line)
     return "" if _NO_WORDS.fullmatch(line) else line

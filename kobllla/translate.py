@@ -149,6 +149,7 @@ class ChatEndpoint:
     backoff_s: float = 2.0
     backoff_max_s: float = 120.0
     temperature: float = 0.3
+    max_tokens: int | None = None
     sleep: Callable[[float], None] = time.sleep
 
     @property
@@ -156,7 +157,10 @@ class ChatEndpoint:
         return self.base_url.rstrip("/") + "/chat/completions"
 
     def _post(self, messages: list[dict]) -> dict:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature}).encode()
+        payload = {"model": self.model, "messages": messages, "temperature": self.temperature}
+        if self.max_tokens:
+            payload["max_tokens"] = self.max_tokens
+        body = json.dumps(payload).encode()
         headers = {"Content-Type": "application/json", "User-Agent": f"kobllla/{kobllla.__version__}"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -209,9 +213,12 @@ class ChatEndpoint:
 
 def _content(reply: object) -> str:
     try:
-        content = reply["choices"][0]["message"]["content"]  # type: ignore[index]
+        choice = reply["choices"][0]  # type: ignore[index]
+        content = choice["message"]["content"]
     except (KeyError, IndexError, TypeError):
         raise _Retryable(f"reply has no choices[0].message.content: {str(reply)[:80]}") from None
+    if choice.get("finish_reason") == "length":
+        raise RowError("reply cut off at the output token limit (finish_reason=length); raise --max-tokens")
     if not isinstance(content, str):
         raise _Retryable(f"reply content is {type(content).__name__}, expected text")
     return content

@@ -7,6 +7,7 @@ the k-th behaviour (the last one repeats):
 
 - ``ok``: a normal reply; ``sleep=S``: a normal reply after S seconds;
 - ``429`` (with ``Retry-After: 0``), ``500``, ``503``, ``400``: that HTTP status;
+- ``length``: a normal reply marked ``finish_reason: length`` (cut at the token limit);
 - ``badjson``: status 200 with a body that is not JSON; ``nochoices``: JSON without choices;
 - ``hang``: sends nothing for ``hang_s`` seconds (the client must time out);
 - ``dropturn``: a reply missing its last turn; ``nofence``: a reply that loses code fences.
@@ -110,7 +111,7 @@ class FakeChatServer:
 
             def _act(self, request: dict, content: str, behaviour: str) -> None:
                 if behaviour in ("429", "500", "503", "400"):
-                    return self._error(int(behaviour), "scripted", {"Retry-After": "0"})
+                    return self._error(int(behaviour), "scripted", {"Retry-After": "0"} if behaviour == "429" else None)
                 if behaviour == "badjson":
                     return self._send(200, b'{"choices": [{"message": {"content": "')
                 if behaviour == "nochoices":
@@ -121,7 +122,7 @@ class FakeChatServer:
                     time.sleep(float(behaviour.split("=")[1]))
                 reply = {
                     "id": "chatcmpl-test", "object": "chat.completion", "model": request["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
+                    "choices": [{"index": 0, "finish_reason": "length" if behaviour == "length" else "stop",
                                  "message": {"role": "assistant", "content": server.reply_text(content, behaviour)}}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
                 }

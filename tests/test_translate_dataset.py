@@ -101,30 +101,35 @@ def test_429_5xx_malformed_replies_and_a_hang_are_retried_until_they_succeed(tmp
                5: "dropturn, ok", 6: "nofence, ok", 7: "ok"}
     rows = lima_rows(8, scripts)
     rows[6]["conversations"][1] = CODE_ANSWER
+    sleeps: list[float] = []
     with FakeChatServer(hang_s=1.5) as server:
-        m = run(tmp_path, rows, server, ep=endpoint(server, timeout_s=0.3), concurrency=8)
+        ep = endpoint(server, timeout_s=0.3, backoff_s=0.5, sleep=sleeps.append)
+        m = run(tmp_path, rows, server, ep=ep, concurrency=8)
         attempts = [server.attempts[r["conversations"][0]] for r in rows]
     assert read_jsonl(tmp_path / "kolima.jsonl") == [expected(r) for r in rows]
     assert attempts == [2, 3, 2, 2, 2, 2, 2, 1]
     assert m["failed_rows"] == []
+    # 8 retries: the 429's Retry-After: 0 is obeyed; the others back off 0.5 s x 2**k x [0.5, 1.5)
+    assert len(sleeps) == 8 and sorted(sleeps)[0] == 0.0 and all(0.25 <= s < 1.5 for s in sorted(sleeps)[1:])
 
 
 def test_rows_that_keep_failing_are_listed_with_reasons_and_no_output_is_written(tmp_path):
-    rows = lima_rows(5, {1: "500", 3: "400"})
+    rows = lima_rows(6, {1: "500", 3: "400", 5: "length"})
     with FakeChatServer() as server:
-        with pytest.raises(RowsFailedError, match=r"^2 of 5 rows failed \(first: row 1: HTTP 500 \(gave up after 3 attempts\)\); "
+        with pytest.raises(RowsFailedError, match=r"^3 of 6 rows failed \(first: row 1: HTTP 500 \(gave up after 3 attempts\)\); "
                                                     r"reasons in .*kolima.jsonl.errors.jsonl; rerun"):
             run(tmp_path, rows, server, ep=endpoint(server, max_attempts=3))
-        assert [server.attempts[r["conversations"][0]] for r in rows] == [1, 3, 1, 1, 1]
+        assert [server.attempts[r["conversations"][0]] for r in rows] == [1, 3, 1, 1, 1, 1]
         assert read_jsonl(tmp_path / "kolima.jsonl.errors.jsonl") == [
             {"row": 1, "reason": "HTTP 500 (gave up after 3 attempts)"},
             {"row": 3, "reason": 'HTTP 400: {"error": {"message": "scripted", "code": 400}}'},
+            {"row": 5, "reason": "reply cut off at the output token limit (finish_reason=length); raise --max-tokens"},
         ]
         assert not (tmp_path / "kolima.jsonl").exists() and not (tmp_path / "kolima.jsonl.manifest.json").exists()
         m = run(tmp_path, rows, server, ep=endpoint(server, max_attempts=3), allow_partial=True)
-        assert [server.attempts[r["conversations"][0]] for r in rows] == [1, 6, 1, 2, 1]  # successes not re-sent
+        assert [server.attempts[r["conversations"][0]] for r in rows] == [1, 6, 1, 2, 1, 2]  # successes not re-sent
     assert read_jsonl(tmp_path / "kolima.jsonl") == [expected(rows[i]) for i in (0, 2, 4)]
-    assert (m["rows_out"], m["failed_rows"], m["requested_this_run"], m["from_cache"]) == (3, [1, 3], 2, 3)
+    assert (m["rows_out"], m["failed_rows"], m["requested_this_run"], m["from_cache"]) == (3, [1, 3, 5], 3, 3)
 
 
 def test_a_rerun_sends_nothing_and_writes_the_same_bytes(tmp_path):

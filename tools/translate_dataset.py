@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-attempts", type=int, default=6, help="tries per row on 429/5xx/timeouts/bad replies")
     parser.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each time")
     parser.add_argument("--temperature", type=float, default=0.3)
+    parser.add_argument("--max-tokens", type=int, default=None, help="output token limit per reply (default: the server's)")
     parser.add_argument("--cache", type=Path, default=None, help="cache file (default OUTPUT.cache.jsonl)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows")
     parser.add_argument("--allow-partial", action="store_true", help="write the output without the rows that failed")
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     endpoint = ChatEndpoint(
         base_url=args.base_url, model=args.model, api_key=os.environ.get(args.api_key_env) or None,
         key_env=args.api_key_env, timeout_s=args.timeout, max_attempts=args.max_attempts,
-        backoff_s=args.backoff, temperature=args.temperature,
+        backoff_s=args.backoff, temperature=args.temperature, max_tokens=args.max_tokens,
     )
     try:
         m = translate_dataset(

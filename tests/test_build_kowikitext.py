@@ -335,3 +335,19 @@ def test_download_fetches_the_multistream_dump_and_checks_its_sha1(tmp_path, mir
         download_dump(date="20240601", dest_dir=tmp_path / "dl3", base_url=base, progress=False)
     with pytest.raises(ValueError, match=r"dump date must be YYYYMMDD \(e.g. 20240501\), got '2024-05-01'"):
         dump_url("2024-05-01")
+
+
+def _worker_dies(batch, drop_sections):
+    import os
+
+    os._exit(1)
+
+
+def test_a_worker_killed_mid_run_fails_the_build_instead_of_hanging(tmp_path, monkeypatch):
+    import kobllla.wiki.build as build
+
+    dump = write_dump(tmp_path / "d.xml.bz2", realistic_pages(100, seed=2))
+    monkeypatch.setattr(build, "clean_batch", _worker_dies)
+    with pytest.raises(RuntimeError, match=r"a parser worker died after \d+ pages of d.xml.bz2 .*rerun with fewer --workers"):
+        build_kowikitext(dump=dump, out_dir=tmp_path / "out", workers=2, progress=False)
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []

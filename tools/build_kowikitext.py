@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             drop_sections=tuple(args.drop_section or DEFAULT_DROP_SECTIONS), workers=args.workers,
             overwrite=args.overwrite, progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     pages = manifest["pages"]

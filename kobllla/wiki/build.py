@@ -25,6 +25,8 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import partial
@@ -153,18 +155,21 @@ def _articles(reader: DumpReader, counts: Counter, batch_size: int) -> Iterator[
         yield batch
 
 
-def _ordered_map(pool, fn, batches: Iterator[list[Article]], window: int) -> Iterator[list]:
-    """``map`` over a process pool, in order, with at most ``window`` batches in flight."""
+def _ordered_map(pool: ProcessPoolExecutor | None, fn, batches: Iterator[list[Article]], window: int) -> Iterator[list]:
+    """``map`` over a process pool, in order, with at most ``window`` batches in flight.
+
+    A worker killed by the OS (out of memory) raises ``BrokenProcessPool`` instead of hanging.
+    """
     if pool is None:
         yield from map(fn, batches)
         return
     pending: deque = deque()
     for batch in batches:
-        pending.append(pool.apply_async(fn, (batch,)))
+        pending.append(pool.submit(fn, batch))
         if len(pending) >= window:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def _settings(fmt: str, min_chars: int, dev: float, test: float, drop: tuple[str, ...], workers: int) -> dict:
@@ -224,6 +229,7 @@ def build_kowikitext(
         FileNotFoundError: the dump does not exist.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
         ValueError: a bad setting, or a dump that is not a complete MediaWiki export.
+        RuntimeError: a worker process died (the OS killed it); nothing is written.
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     settings = _settings(fmt, min_chars, dev_fraction, test_fraction, tuple(drop_sections), workers)
@@ -247,8 +253,11 @@ def _run(reader: DumpReader, writers: dict, settings: dict, batch_size: int, pro
     seen: set[int] = set()
     workers = settings["workers"]
     fn = partial(clean_batch, drop_sections=tuple(settings["drop_sections"]))
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(workers) if workers > 1 else None  # started before tqdm's monitor thread
+    pool = None
+    if workers > 1:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = ProcessPoolExecutor(workers, mp_context=ctx)
+        pool.submit(int).result()  # fork the workers now, before tqdm starts its monitor thread
     bar = tqdm(unit=" pages", desc="kowiki", disable=not progress, file=sys.stderr, mininterval=1.0)
     try:
         for results in _ordered_map(pool, fn, _articles(reader, counts, batch_size), 2 * workers):
@@ -264,11 +273,15 @@ def _run(reader: DumpReader, writers: dict, settings: dict, batch_size: int, pro
             bar.update(reader.pages_read - bar.n)
             bar.set_postfix(kept=sum(s["rows"] for s in splits.values()), refresh=False)
         bar.update(reader.pages_read - bar.n)
+    except BrokenProcessPool:
+        raise RuntimeError(
+            f"a parser worker died after {reader.pages_read} pages of {reader.path.name} (killed for memory?); "
+            "nothing was written: rerun with fewer --workers"
+        ) from None
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     return counts, splits
 
 

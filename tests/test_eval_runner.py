@@ -91,14 +91,22 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+_LL_CACHE: dict[tuple[str, str], float] = {}
+
+
 @torch.inference_mode()
 def _loglikelihood(hf, context: str, continuation: str) -> float:
-    model, tok = hf
-    ctx = tok(context)["input_ids"]
-    whole = tok(context + continuation)["input_ids"]
-    assert whole[: len(ctx)] == ctx
-    logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), dim=-1)
-    return sum(logprobs[pos - 1, whole[pos]].item() for pos in range(len(ctx), len(whole)))
+    """log p(continuation | context): BOS + context tokens, then the tokens the whole string adds."""
+    if (context, continuation) not in _LL_CACHE:
+        model, tok = hf
+        ctx = tok(context)["input_ids"]
+        whole = tok(context + continuation)["input_ids"]
+        assert whole[: len(ctx)] == ctx
+        logits = model(torch.tensor([whole])).logits[0, len(ctx) - 1 : len(whole) - 1]
+        logprobs = torch.log_softmax(logits.double(), dim=-1)
+        targets = torch.tensor(whole[len(ctx) :])
+        _LL_CACHE[(context, continuation)] = logprobs.gather(1, targets[:, None]).sum().item()
+    return _LL_CACHE[(context, continuation)]
 
 
 def _tqa_context(question: str) -> str:

@@ -1,0 +1,99 @@
+"""Every shipped config validates, and every dataset in it builds on the fixtures."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torchtune import config as tt_config
+from torchtune.config._utils import _get_component_from_path
+from torchtune.datasets import ConcatDataset, PackedDataset
+
+from tests.conftest import ASSETS, REPO, make_llama3_tokenizer
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+STAGE_COMMAND = {
+    "stage1_kowiki_lora.yaml": "lora_finetune_distributed",
+    "stage3_kolima_bilima_lora.yaml": "lora_finetune_distributed",
+    "stage1_kowiki_lora_single_device.yaml": "lora_finetune_single_device",
+    "stage1_kowiki_qlora_single_device.yaml": "lora_finetune_single_device",
+}
+
+# Fixture files standing in for each dataset's real data, by builder and argument.
+FIXTURE_FOR = {
+    "data_files": None,  # decided per builder below
+    "en_data_files": ASSETS / "lima_en_tiny.jsonl",
+    "ko_data_files": ASSETS / "kolima_tiny.jsonl",
+}
+
+
+def dataset_nodes(cfg: DictConfig) -> list[DictConfig]:
+    node = cfg.dataset
+    return list(node) if isinstance(node, ListConfig) else [node]
+
+
+def component_nodes(cfg: DictConfig):
+    for key, node in cfg.items():
+        if isinstance(node, DictConfig) and "_component_" in node:
+            yield key, node
+    for node in dataset_nodes(cfg):
+        yield "dataset", node
+
+
+def test_there_are_8b_and_tiny_configs_for_every_stage():
+    names = {(p.parent.name, p.name) for p in CONFIGS}
+    for family in ("llama3_8b", "tiny"):
+        assert (family, "stage1_kowiki_lora.yaml") in names
+        assert (family, "stage3_kolima_bilima_lora.yaml") in names
+        assert (family, "stage1_kowiki_qlora_single_device.yaml") in names
+    assert ("llama3_8b", "stage1_kowiki_lora_single_device.yaml") in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_components_resolve_and_accept_their_arguments(path: Path):
+    cfg = OmegaConf.load(path)
+    tt_config.validate(cfg)  # torchtune's own check of top-level components
+    for key, node in component_nodes(cfg):
+        component = _get_component_from_path(node._component_)
+        kwargs = {k: v for k, v in node.items() if k != "_component_"}
+        inspect.signature(component).bind_partial(**kwargs)  # raises on an unknown argument
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_header_names_its_own_exact_command(path: Path):
+    text = path.read_text(encoding="utf-8")
+    recipe = STAGE_COMMAND[path.name]
+    rel = path.relative_to(REPO).as_posix()
+    runner = "tune run" if path.parent.name == "llama3_8b" else "python -m tools.tune_cpu"
+    assert any(
+        line.lstrip("# ").startswith(runner) and recipe in line and f"--config {rel}" in line
+        for line in text.splitlines()
+    ), f"{rel}: header lacks '{runner} ... {recipe} --config {rel}'"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_dataset_in_the_config_builds_on_the_fixtures(path: Path):
+    cfg = OmegaConf.load(path)
+    tok = make_llama3_tokenizer(max_seq_len=cfg.tokenizer.max_seq_len)
+    built = []
+    for node in dataset_nodes(cfg):
+        node = OmegaConf.to_container(node)
+        if node["_component_"].endswith("kowikitext_dataset"):
+            node.update(source="csv", data_files=str(ASSETS / "kowiki_tiny.csv"))
+        elif node["_component_"].endswith("kolima_dataset"):
+            node.update(data_files=str(ASSETS / "kolima_tiny.jsonl"))
+        elif "source" in node and node.get("source") is not None:
+            node.update(data_files=str(ASSETS / "bilima_paired.jsonl"))
+        else:
+            node.update(en_data_files=str(FIXTURE_FOR["en_data_files"]), ko_data_files=str(FIXTURE_FOR["ko_data_files"]))
+        ds = tt_config.instantiate(OmegaConf.create(node), tok)
+        assert len(ds) > 0
+        sample = ds[0]
+        assert len(sample["tokens"]) == len(sample["labels"]) <= cfg.tokenizer.max_seq_len
+        if node.get("packed"):
+            assert isinstance(ds, PackedDataset)
+        built.append(ds)
+    if len(built) > 1:
+        assert ConcatDataset(built).packed == all(isinstance(d, PackedDataset) for d in built)

@@ -261,17 +261,18 @@ def render_chart(comparison: Comparison, path: Path) -> None:
 
     n = len(comparison.metrics)
     fig, axes = plt.subplots(1, n, figsize=(max(4.0, 3.2 * n), 3.6), squeeze=False)
-    failed = {g.candidate for g in comparison.failures()}
+    failed = {(g.candidate, g.metric) for g in comparison.failures()}
     for ax, metric in zip(axes[0], comparison.metrics):
         labels = [lab for lab in comparison.labels if metric in comparison.values[lab]]
         vals = [comparison.values[lab][metric]["value"] or 0.0 for lab in labels]
         errs = [comparison.values[lab][metric].get("stderr") or 0.0 for lab in labels]
-        colors = ["tab:red" if lab in failed else "tab:blue" if lab in comparison.baseline_of else "tab:gray"
+        colors = ["tab:red" if (lab, metric) in failed else "tab:blue" if lab in comparison.baseline_of else "tab:gray"
                   for lab in labels]
         ax.bar(range(len(labels)), vals, yerr=errs, color=colors, capsize=3)
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
         arrow = "↑" if comparison.higher_is_better.get(metric, True) else "↓"
         ax.set_title(f"{metric} {arrow}", fontsize=9)
+    fig.suptitle("grey: baseline, blue: candidate, red: failed its gate", fontsize=8, y=0.995)
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
     fig.savefig(tmp, dpi=110)

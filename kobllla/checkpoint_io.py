@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -506,6 +507,7 @@ class Checkpoint:
         self._loaded = loaded or {}
         self._fds: dict[Path, int] = {}
         self._current: tuple[str, torch.Tensor] | None = None
+        self._lock = threading.Lock()  # read_slice is called from several threads
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -554,19 +556,22 @@ class Checkpoint:
         return self.read_slice(name, 0, info.numel, buf).clone().view(info.shape)
 
     def _fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
 
     def _pickled(self, name: str) -> torch.Tensor:
-        if self._current is not None and self._current[0] == name:
+        """The tensor in HF layout; only the current one is kept (q/k rows re-ordered once)."""
+        with self._lock:
+            if self._current is None or self._current[0] != name:
+                tensor = self._loaded[name]
+                if self.format == "torch-meta" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                    p = self.params
+                    heads = p["n_heads"] if "q_proj" in name else p.get("n_kv_heads", p["n_heads"])
+                    tensor = permute_meta_to_hf(tensor, heads)
+                self._current = (name, tensor.contiguous())
             return self._current[1]
-        tensor = self._loaded[name]
-        if self.format == "torch-meta" and (name.endswith("q_proj.weight") or name.endswith("k_proj.weight")):
-            heads = self.params["n_heads"] if "q_proj" in name else self.params.get("n_kv_heads", self.params["n_heads"])
-            tensor = permute_meta_to_hf(tensor, heads).contiguous()
-        self._current = (name, tensor.contiguous())
-        return self._current[1]
 
 
 def _read_json(path: Path) -> dict | None:

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=_limit_arg, help="samples per task (or a fraction < 1) for smoke runs")
     parser.add_argument("--num-fewshot", type=int, help="override every task's n-shot")
     parser.add_argument("--max-length", type=int, help="context length (default: the model config's)")
+    parser.add_argument("--scorer", default="hf", choices=["hf", "shared_prefix"],
+                        help="hf: lm_eval's HF model; shared_prefix: answers of a question share one context pass")
     args = parser.parse_args(argv)
     for label, spec in args.model:
         try:
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec, label=label, suites=args.suite, tasks=args.task, data_dir=args.data_dir,
                 heldout=dict(args.heldout), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                 limit=args.limit, num_fewshot=args.num_fewshot, max_length=args.max_length,
-                results_dir=args.results_dir,
+                scorer=args.scorer, results_dir=args.results_dir,
             )
         except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)

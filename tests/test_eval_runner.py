@@ -289,3 +289,31 @@ def test_write_report_library_call_matches_the_cli_output(results, tmp_path):
     paths = write_report(comparison, tmp_path, runs)
     assert comparison.passed
     assert json.loads(paths["manifest"].read_text())["gates"][0]["metric"] == "truthfulqa_mc2/acc"
+
+
+def test_shared_prefix_scorer_gives_lm_evals_scores_on_every_fixture_task(models, results, tmp_path):
+    fast = evaluate_model(models["base"], label="base-fast", suites=["english_retention"],
+                          tasks=["kobest_boolq", "kobest_copa", "haerae_general_knowledge"], data_dir=DATA,
+                          device="cpu", batch_size=4, scorer="shared_prefix")
+    reference = _base_record(results)["tasks"]
+    assert fast["model"]["scorer"] == "shared_prefix" and fast["model"]["fingerprint"] == _base_record(results)["model"]["fingerprint"]
+    for task, entry in fast["tasks"].items():
+        for metric, score in entry["metrics"].items():
+            assert score["value"] == pytest.approx(reference[task]["metrics"][metric]["value"], abs=1e-6), (task, metric)
+
+
+def test_packed_row_shares_the_context_and_each_answer_sees_only_itself():
+    from kobllla.evaluation._shared_prefix import pack_group, packed_mask
+
+    ids, pos, spans = pack_group([1, 2, 3], [[7, 8], [9]])
+    assert ids == [1, 2, 3, 7, 3]  # context[:-1], then [ctx[-1]] + answer[:-1] per answer
+    assert pos == [0, 1, 2, 3, 2]
+    assert spans == [(2, 2), (4, 1)]
+    assert packed_mask(2, spans, 6).int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 1],  # padding sees itself only
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,15 @@ class ModelRef:
     Attributes:
         spec: what lm_eval receives as ``pretrained`` (absolute dir, or the hub id).
         local: True for a directory on disk.
-        fingerprint: ``sha256:<hex>`` over config and weight files (local), or ``hub:<id>``.
+        fingerprint: ``sha256:<hex>`` over config and weight files (local), or ``hub:<id>``;
+            empty when resolved with ``fingerprint=False`` (compute it later from ``files``).
+        files: the config and weight files of a local checkpoint.
     """
 
     spec: str
     local: bool
     fingerprint: str
+    files: tuple[Path, ...] = ()
 
 
 def _looks_local(spec: str) -> bool:
@@ -57,20 +61,27 @@ def check_checkpoint_dir(path: Path) -> list[Path]:
     return [path / "config.json", *weights]
 
 
-def fingerprint_files(files: list[Path], root: Path, chunk_bytes: int = 8 << 20) -> str:
-    """``sha256:<hex>`` over each file's relative name and full content (16 GB of bf16 8B: ~20 s)."""
+def _file_sha256(path: Path, chunk_bytes: int = 8 << 20) -> str:
+    inner = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            inner.update(chunk)  # releases the GIL: shards hash in parallel threads
+    return inner.hexdigest()
+
+
+def fingerprint_files(files: list[Path] | tuple[Path, ...], root: Path, workers: int = 8) -> str:
+    """``sha256:<hex>`` over each file's relative name and full sha256 (shards hashed in parallel)."""
+    files = sorted(files)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
+        digests = list(pool.map(_file_sha256, files))
     outer = hashlib.sha256()
-    for path in sorted(files):
-        inner = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(chunk_bytes), b""):
-                inner.update(chunk)
-        outer.update(f"{path.relative_to(root)}\0{inner.hexdigest()}\n".encode())
+    for path, digest in zip(files, digests):
+        outer.update(f"{path.relative_to(root)}\0{digest}\n".encode())
     return f"sha256:{outer.hexdigest()}"
 
 
-def resolve_model(spec: str | Path) -> ModelRef:
-    """Local checkpoint dir (checked and fingerprinted) or hub id (passed through).
+def resolve_model(spec: str | Path, *, fingerprint: bool = True) -> ModelRef:
+    """Local checkpoint dir (checked and, unless ``fingerprint=False``, hashed) or hub id (passed through).
 
     Raises:
         FileNotFoundError: a local path that is missing or not a complete HF checkpoint.
@@ -79,5 +90,6 @@ def resolve_model(spec: str | Path) -> ModelRef:
     if not _looks_local(text):
         return ModelRef(spec=text, local=False, fingerprint=f"hub:{text}")
     path = Path(text).expanduser().resolve()
-    files = check_checkpoint_dir(path)
-    return ModelRef(spec=str(path), local=True, fingerprint=fingerprint_files(files, path))
+    files = tuple(check_checkpoint_dir(path))
+    digest = fingerprint_files(files, path) if fingerprint else ""
+    return ModelRef(spec=str(path), local=True, fingerprint=digest, files=files)

@@ -1,0 +1,126 @@
+"""lm_eval's HF model with multiple-choice answers scored against one shared context.
+
+lm_eval's HF backend runs ``context + answer`` for every answer, so TruthfulQA MC2 (817
+questions x ~7.6 answers, a ~150-token context each, mostly the fixed 6-shot preamble) feeds
+~6,200 rows of ~165 tokens = ~1.0 M tokens. Here the answers of one context are packed into one
+row: ``context[:-1]`` once, then per answer a branch ``[context[-1]] + answer[:-1]`` that attends
+to the shared context and to itself only (a 4-D boolean mask) at the positions it would have had
+alone. That is ~150 + 7.6 x ~16 = ~270 tokens per question, ~0.22 M tokens in all (~4.6x fewer),
+and the logits come out for answer positions only. The log-likelihoods equal lm_eval's up to
+floating-point order; its ``softmax_dtype`` is honoured the same way.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
+
+Request = tuple[tuple[str, str], list[int], list[int]]
+
+
+def pack_group(context: list[int], continuations: list[list[int]]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """One packed row: token ids, position ids, and each branch's (start, length) in the row."""
+    shared = context[:-1]
+    ids, pos, spans = list(shared), list(range(len(shared))), []
+    for cont in continuations:
+        branch = [context[-1]] + cont[:-1]
+        spans.append((len(ids), len(branch)))
+        ids += branch
+        pos += range(len(shared), len(shared) + len(branch))
+    return ids, pos, spans
+
+
+def packed_mask(n_shared: int, spans: list[tuple[int, int]], length: int) -> torch.Tensor:
+    """[length, length] bool: causal within the shared part, each branch sees the shared part and itself.
+
+    Padding rows (after the last branch) see only themselves, so attention never divides by zero.
+    """
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    mask[:n_shared, :n_shared] = torch.ones(n_shared, n_shared, dtype=torch.bool).tril()
+    for start, size in spans:
+        mask[start : start + size, :n_shared] = True
+        mask[start : start + size, start : start + size] = torch.ones(size, size, dtype=torch.bool).tril()
+    used = spans[-1][0] + spans[-1][1] if spans else n_shared
+    idx = torch.arange(used, length)
+    mask[idx, idx] = True
+    return mask
+
+
+class SharedPrefixHFLM(HFLM):
+    """``HFLM`` whose loglikelihood packs all answers of one context into one row.
+
+    Args:
+        max_batch_tokens: packed tokens per forward (rows x padded length); bounds activation memory.
+        Everything else as lm_eval's ``HFLM`` (``pretrained``, ``dtype``, ``device``, ``max_length``...).
+    """
+
+    def __init__(self, *args, max_batch_tokens: int = 32768, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_batch_tokens = max_batch_tokens
+
+    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
+                              override_bs: int | None = None) -> list[tuple[float, bool]]:
+        if self.backend != "causal":
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, (_, ctx, cont) in enumerate(requests):
+            groups[tuple(ctx)].append(i)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        packable, too_long = [], []
+        for ctx, idxs in groups.items():
+            n = len(ctx) - 1 + sum(len(requests[i][2]) for i in idxs)
+            (packable if n <= self.max_length and len(ctx) > 0 else too_long).append((ctx, idxs, n))
+        if too_long:  # lm_eval left-truncates these; let it
+            flat = [i for _, idxs, _ in too_long for i in idxs]
+            for i, res in zip(flat, super()._loglikelihood_tokens([requests[i] for i in flat], disable_tqdm, override_bs)):
+                results[i] = res
+        packable.sort(key=lambda g: -g[2])  # longest first: padding stays small, OOM shows at once
+        batch: list = []
+        for group in packable:
+            if batch and (len(batch) + 1) * batch[0][2] > self.max_batch_tokens:
+                self._score_batch(batch, requests, results)
+                batch = []
+            batch.append(group)
+        if batch:
+            self._score_batch(batch, requests, results)
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _score_batch(self, batch: list, requests: list[Request], results: list) -> None:
+        length = batch[0][2]
+        ids = torch.zeros(len(batch), length, dtype=torch.long)
+        pos = torch.zeros(len(batch), length, dtype=torch.long)
+        mask = torch.zeros(len(batch), 1, length, length, dtype=torch.bool)
+        rows = []
+        for r, (ctx, idxs, n) in enumerate(batch):
+            row_ids, row_pos, spans = pack_group(list(ctx), [requests[i][2] for i in idxs])
+            ids[r, :n], pos[r, :n] = torch.tensor(row_ids), torch.tensor(row_pos)
+            pos[r, n:] = torch.arange(length - n)
+            mask[r, 0] = packed_mask(len(ctx) - 1, spans, length)
+            rows.append(spans)
+        hidden = self.model.get_decoder()(
+            input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=mask.to(self.device)
+        ).last_hidden_state
+        head = self.model.get_output_embeddings()
+        token_lls, token_hits, sizes = [], [], []
+        for r, (ctx, idxs, _) in enumerate(batch):  # one lm_head pass per question, answer tokens only
+            spans = rows[r]
+            where = torch.cat([torch.arange(start, start + size) for start, size in spans]).to(self.device)
+            targets = torch.tensor([t for i in idxs for t in requests[i][2]], device=self.device)
+            logprobs = F.log_softmax(head(hidden[r, where]), dim=-1, dtype=self.softmax_dtype)
+            token_lls.append(logprobs.gather(1, targets[:, None])[:, 0].float())
+            token_hits.append(logprobs.argmax(dim=-1) == targets)
+            lp_dtype = logprobs.dtype
+            sizes += [size for _, size in spans]
+        # Per answer: sum the token log-probs in fp32, then round to the log-softmax dtype, as
+        # lm_eval's ``tensor.sum()`` does (with a bf16 model and no softmax_dtype that is bf16).
+        seg = torch.repeat_interleave(torch.arange(len(sizes), device=self.device), torch.tensor(sizes, device=self.device))
+        sums = torch.zeros(len(sizes), device=self.device).index_add_(0, seg, torch.cat(token_lls))
+        misses = torch.zeros(len(sizes), dtype=torch.long, device=self.device).index_add_(0, seg, (~torch.cat(token_hits)).long())
+        flat = [i for _, idxs, _ in batch for i in idxs]
+        for i, ll, miss in zip(flat, sums.to(lp_dtype).float().tolist(), misses.tolist()):
+            results[i] = (ll, miss == 0)
+            self.cache_hook.add_partial("loglikelihood", requests[i][0], (ll, miss == 0))

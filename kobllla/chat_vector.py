@@ -37,11 +37,11 @@ import torch
 from kobllla import __version__
 from kobllla.checkpoint_io import (
     Checkpoint,
+    SequentialHasher,
     StreamingSafetensorsWriter,
     atomic_output_dir,
     open_checkpoint,
     plan_shards,
-    sha256_file,
     write_json,
 )
 
@@ -292,9 +292,10 @@ class _Streamer:
 
     def __init__(self, *, target: Checkpoint | None, base: Checkpoint | None,
                  instruct: Checkpoint | None, vector: Checkpoint | None, ratio: float,
-                 chunk_elements: int, workers: int, progress) -> None:
+                 chunk_elements: int, workers: int, progress, hash_files: bool) -> None:
         self.target, self.base, self.instruct, self.vector = target, base, instruct, vector
         self.ratio, self.chunk, self.progress = float(ratio), chunk_elements, progress
+        self.hashers = _input_hashers([c for c in (target, base, instruct, vector) if c]) if hash_files else None
         self.depth = workers + 1
         self.free = [_Buffers(chunk_elements) for _ in range(self.depth)]
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chat-vector")
@@ -325,20 +326,31 @@ class _Streamer:
 
     def _write_oldest(self, pending: deque, plan: TensorPlan, writer: StreamingSafetensorsWriter) -> None:
         job, bufs = pending[0]
-        out, nread = job.result()
+        out, nread, start, n, roles = job.result()
         pending.popleft()
         writer.write(plan.name, out)
+        if self.hashers is not None:
+            self._feed_hashers(plan.name, start, n, roles, bufs)
         self.free.append(bufs)
         self.bytes_read += nread
         if self.progress is not None:
             self.progress.update(nread)
 
+    def _feed_hashers(self, name: str, start: int, n: int, roles: tuple[str, ...], bufs: _Buffers) -> None:
+        """Hashes the input bytes this slice read, in file order (no second read of inputs)."""
+        for role in roles:
+            info = getattr(self, role).tensors[name]
+            if info.offset is not None:
+                size = info.dtype.itemsize
+                self.hashers[info.file].feed(info.offset + start * size, bufs.raw[role][: n * size].numpy().data)
+
     def _read(self, role: str, name: str, start: int, n: int, bufs: _Buffers) -> torch.Tensor:
         return getattr(self, role).read_slice(name, start, n, bufs.raw[role])
 
     def _slice(self, plan: TensorPlan, start: int, n: int, mode: str, operation: str,
-               bufs: _Buffers) -> tuple[torch.Tensor, int]:
-        """Computes one output slice; returns it (a view of ``bufs``) and the bytes read."""
+               bufs: _Buffers) -> tuple[torch.Tensor, int, int, int, tuple[str, ...]]:
+        """Computes one output slice; returns it (a view of ``bufs``), the bytes read, and
+        which slice of which inputs it read."""
         a, b = bufs.a[:n], bufs.b[:n]
         roles = self._roles(mode, operation)
         if mode == "keep":
@@ -358,7 +370,7 @@ class _Streamer:
         out = self._round(a, plan.dtype, bufs)
         _check_finite(a, out, lambda: self._diagnose(plan, start, n, a, out, roles, bufs))
         nread = sum(n * getattr(self, r).tensors[plan.name].dtype.itemsize for r in roles)
-        return out, nread
+        return out, nread, start, n, roles
 
     def _roles(self, mode: str, operation: str) -> tuple[str, ...]:
         roles: tuple[str, ...] = ()
@@ -392,6 +404,15 @@ class _Streamer:
                 f"result overflows {_DTYPE_NAMES[plan.dtype]}: tensor {plan.name} at flat index {idx}"
                 f"{_row_col(plan.shape, idx)} is {float(a[int(bad[0])])} in float32; "
                 "use --dtype float32 or a smaller --ratio")
+
+
+def _input_hashers(cks: list[Checkpoint]) -> dict[Path, SequentialHasher]:
+    hashers = {}
+    for ck in cks:
+        for f in ck.files:
+            offsets = [t.offset for t in ck.tensors.values() if t.file == f and t.offset is not None]
+            hashers[f] = SequentialHasher(f, prime=min(offsets, default=0))
+    return hashers
 
 
 def _row_col(shape: tuple[int, ...], idx: int) -> str:
@@ -483,12 +504,12 @@ def _merge_tokenizer_json(target_file: Path, chat_file: Path) -> tuple[dict, str
     return {**tdata, **{k: cdata[k] for k in taken}}, f"target ({', '.join(taken)} from instruct)"
 
 
-def describe_input(ckpt: Checkpoint, *, hashes: dict[Path, Future] | None) -> dict:
+def describe_input(ckpt: Checkpoint, *, hashes: dict[Path, SequentialHasher] | None) -> dict:
     files = []
     for f in ckpt.files:
         entry = {"file": f.name, "bytes": f.stat().st_size}
         if hashes is not None:
-            entry["sha256"] = hashes[f].result()
+            entry["sha256"] = hashes[f].finish()
         files.append(entry)
     return {"path": str(ckpt.path.resolve()), "format": ckpt.format, "tensors": len(ckpt.tensors),
             "files": files}
@@ -559,25 +580,22 @@ def _stream_to(
     ratio: float, opts: StreamOptions, shard_metadata: dict[str, str], finish,
 ) -> ChatVectorResult:
     """Streams every plan into shards under ``out`` (atomically); ``finish(tmp)`` writes the
-    metadata files and returns the manifest, which is written last. Input and output files
-    are hashed by a background thread while the merge runs."""
+    metadata files and returns the manifest, which is written last. Input files are hashed
+    from the bytes the merge reads and output files from the bytes it writes."""
     started = time.perf_counter()
     shards = plan_shards([(p.name, p.dtype, p.shape) for p in plans],
                          max_shard_bytes=opts.max_shard_bytes, metadata=shard_metadata)
-    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") if opts.hash_files else None
-    hashes = {f: hasher.submit(sha256_file, f) for ck in cks.values() for f in ck.files} if hasher else None
     bar = _progress_bar(_bytes_to_read(cks, plans, operation), opts.progress, operation)
     streamer = _Streamer(target=cks.get("target"), base=cks.get("base"), instruct=cks.get("instruct"),
                          vector=cks.get("vector"), ratio=ratio, chunk_elements=opts.chunk_elements,
-                         workers=opts.workers, progress=bar)
+                         workers=opts.workers, progress=bar, hash_files=opts.hash_files)
     try:
         with atomic_output_dir(out, overwrite=opts.overwrite) as tmp, _single_threaded_ops():
-            paths = _write_shards(tmp, shards, plans, streamer, operation)
-            out_hashes = {p: hasher.submit(sha256_file, p) for p in paths} if hasher else None
+            paths, out_hashes = _write_shards(tmp, shards, plans, streamer, operation)
             manifest = finish(tmp)
-            manifest["inputs"] = {role: describe_input(ck, hashes=hashes) for role, ck in cks.items()}
+            manifest["inputs"] = {role: describe_input(ck, hashes=streamer.hashers) for role, ck in cks.items()}
             manifest["outputs"] = [{"file": p.name, "bytes": p.stat().st_size,
-                                    **({"sha256": out_hashes[p].result()} if out_hashes else {})}
+                                    **({"sha256": out_hashes[p.name]} if opts.hash_files else {})}
                                    for p in paths]
             manifest["seconds"] = round(time.perf_counter() - started, 3)
             manifest["versions"] = _versions()
@@ -586,8 +604,6 @@ def _stream_to(
         streamer.close()
         if bar is not None:
             bar.close()
-        if hasher is not None:
-            hasher.shutdown(wait=True, cancel_futures=True)
     return ChatVectorResult(out=Path(out), operation=operation, tensors=len(plans),
                             output_bytes=sum(s.data_bytes for s in shards),
                             input_bytes_read=streamer.bytes_read, seconds=manifest["seconds"],
@@ -595,13 +611,14 @@ def _stream_to(
 
 
 def _write_shards(tmp: Path, shards: list, plans: list[TensorPlan], streamer: _Streamer,
-                  operation: str) -> list[Path]:
+                  operation: str) -> tuple[list[Path], dict[str, str]]:
+    """Returns the shard paths and their sha256 (computed as they were written)."""
     by_name = {p.name: p for p in plans}
     writer = StreamingSafetensorsWriter(tmp, shards)
     try:
         for name in writer.order:
             streamer.run(by_name[name], writer, operation=operation)
-        return writer.close()
+        return writer.close(), writer.sha256
     except BaseException:
         writer.abort()
         raise

@@ -32,6 +32,7 @@ import shutil
 import struct
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,13 +222,19 @@ class StreamingSafetensorsWriter:
     written completely (its slices in sequence) before the next starts; anything else is a
     programming error reported as ``ValueError``.
 
+    Each shard's sha256 is computed from the bytes as they are written (:attr:`sha256`), so
+    nothing is read back. Write-back to disk is started every ``writeback_bytes`` and a
+    finished shard is fsynced by a background thread while the next one is written;
+    :meth:`close` waits for all of them, so a closed writer's files are on disk.
+
     Args:
         out_dir (Path): directory to write into (normally the temporary dir of
             :func:`atomic_output_dir`).
         shards (list[PlannedShard]): the layout from :func:`plan_shards`.
+        writeback_bytes (int): how often to ask the kernel to start writing dirty pages.
     """
 
-    def __init__(self, out_dir: Path, shards: list[PlannedShard]) -> None:
+    def __init__(self, out_dir: Path, shards: list[PlannedShard], *, writeback_bytes: int = 256 * 2**20) -> None:
         self.out_dir = Path(out_dir)
         self.shards = shards
         self.order = [name for shard in shards for name in shard.names]
@@ -237,6 +244,12 @@ class StreamingSafetensorsWriter:
         self._written = 0  # bytes of the current tensor written so far
         self._file = None
         self._file_index = -1
+        self._hash = None
+        self._pos = self._synced = 0
+        self._writeback = writeback_bytes
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
+        self._flushes: list = []
+        self.sha256: dict[str, str] = {}
         self.total_bytes = sum(s.data_bytes for s in shards)
 
     def write(self, name: str, data: torch.Tensor) -> None:
@@ -251,29 +264,43 @@ class StreamingSafetensorsWriter:
         self._written += raw.numel()
         if self._written > self._sizes[name]:
             raise ValueError(f"tensor {name!r}: more bytes written than its {self._sizes[name]}")
-        self._file.write(raw.numpy().data)
+        self._emit(raw.numpy().data)
         if self._written == self._sizes[name]:
             self._next += 1
             self._written = 0
 
-    def _open(self, index: int) -> None:
-        self._close_file()
-        self._file = open(self.out_dir / self.shards[index].file_name, "wb")
-        self._file.write(self.shards[index].header)
-        self._file_index = index
-
-    def _close_file(self) -> None:
-        if self._file is not None:
+    def _emit(self, view: memoryview) -> None:
+        self._file.write(view)
+        self._hash.update(view)
+        self._pos += len(view)
+        if self._pos - self._synced >= self._writeback:
             self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            os.posix_fadvise(self._file.fileno(), self._synced, self._pos - self._synced, os.POSIX_FADV_DONTNEED)
+            self._synced = self._pos
+
+    def _open(self, index: int) -> None:
+        self._finish_file()
+        self._file = open(self.out_dir / self.shards[index].file_name, "wb")
+        self._file_index = index
+        self._hash = hashlib.sha256()
+        self._pos = self._synced = 0
+        self._emit(memoryview(self.shards[index].header))
+
+    def _finish_file(self) -> None:
+        if self._file is not None:
+            self.sha256[self.shards[self._file_index].file_name] = self._hash.hexdigest()
+            self._file.flush()
+            self._flushes.append(self._flusher.submit(_fsync_close, self._file))
             self._file = None
 
     def close(self) -> list[Path]:
-        """Closes the last shard, checks every tensor was written, writes the index."""
+        """Finishes the last shard, waits until every shard is on disk, writes the index."""
         if self._next != len(self.order):
             raise ValueError(f"tensor {self.order[self._next]!r} and later were never written")
-        self._close_file()
+        self._finish_file()
+        self._flusher.shutdown(wait=True)
+        for job in self._flushes:
+            job.result()
         paths = [self.out_dir / s.file_name for s in self.shards]
         if len(self.shards) > 1:
             weight_map = {n: s.file_name for s in self.shards for n in s.names}
@@ -282,10 +309,18 @@ class StreamingSafetensorsWriter:
         return paths
 
     def abort(self) -> None:
-        """Closes the open file without checks (the temporary directory is removed anyway)."""
+        """Closes files without checks (the temporary directory is removed anyway)."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._flusher.shutdown(wait=True)
+
+
+def _fsync_close(handle) -> None:
+    try:
+        os.fsync(handle.fileno())
+    finally:
+        handle.close()
 
 
 def _entry_size(header: bytes, name: str) -> int:
@@ -366,6 +401,40 @@ def sha256_file(path: Path, chunk_bytes: int = 8 * 2**20) -> str:
         while n := handle.readinto(view):
             digest.update(view[:n])
     return digest.hexdigest()
+
+
+class SequentialHasher:
+    """sha256 of a whole file, computed from bytes a reader already holds where it can.
+
+    Bytes fed exactly at the running position are hashed at once (no second read); bytes
+    fed anywhere else are ignored, and :meth:`finish` reads whatever was not hashed from the
+    file itself, so the digest is always that of the complete file, whatever the read order.
+
+    Args:
+        path (Path): the file.
+        prime (int): hash this many leading bytes now (a safetensors header, which the
+            tensor reads never cover).
+    """
+
+    def __init__(self, path: Path, *, prime: int = 0) -> None:
+        self.path = Path(path)
+        self.digest = hashlib.sha256()
+        self.pos = 0
+        if prime:
+            with open(self.path, "rb") as handle:
+                self.feed(0, memoryview(handle.read(prime)))
+
+    def feed(self, offset: int, data: memoryview) -> None:
+        if offset == self.pos:
+            self.digest.update(data)
+            self.pos += len(data)
+
+    def finish(self) -> str:
+        with open(self.path, "rb", buffering=0) as handle:
+            handle.seek(self.pos)
+            while chunk := handle.read(8 * 2**20):
+                self.feed(self.pos, memoryview(chunk))
+        return self.digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

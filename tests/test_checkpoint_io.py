@@ -252,3 +252,33 @@ def test_atomic_output_dir_refuses_existing_output_and_cleans_up_on_error(tmp_pa
         with atomic_output_dir(tmp_path / "new"):
             raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_hf_named_torch_pickle_reads_like_safetensors(tmp_path: Path) -> None:
+    tensors = _tensors(4)
+    torch.save(tensors, tmp_path / "pytorch_model.bin")
+    with open_checkpoint(tmp_path) as ck:
+        assert ck.format == "torch-hf"
+        assert list(ck.tensors) == list(tensors)
+        for name, t in tensors.items():
+            assert torch.equal(_bits(ck.read_tensor(name)), _bits(t))
+
+
+def test_sequential_hasher_gives_the_file_sha256_whatever_order_bytes_arrive_in(tmp_path: Path) -> None:
+    import hashlib
+
+    from kobllla.checkpoint_io import SequentialHasher
+
+    data = os.urandom(100_000)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    in_order = SequentialHasher(path, prime=10)
+    for start in range(10, len(data), 7_000):
+        in_order.feed(start, memoryview(data[start:start + 7_000]))
+    assert in_order.pos == len(data) and in_order.finish() == want
+    shuffled = SequentialHasher(path)
+    shuffled.feed(50_000, memoryview(data[50_000:60_000]))  # ahead of position: ignored
+    shuffled.feed(0, memoryview(data[:20_000]))
+    shuffled.feed(0, memoryview(data[:20_000]))  # behind position: ignored
+    assert shuffled.pos == 20_000 and shuffled.finish() == want

@@ -102,7 +102,8 @@ def _markers(conv: Conversation) -> list[tuple[str, int]]:
 
 def _check_verbatim(source: str, translated: str, where: str) -> None:
     if source.count("```") != translated.count("```"):
-        raise _Retryable(f"{where}: {source.count('```')} code fences in the source, {translated.count('```')} in the reply")
+        n_src, n_out = source.count("```"), translated.count("```")
+        raise _Retryable(f"{where}: {n_src} code fences in the source, {n_out} in the reply")
     lost = [u.rstrip(".,;:!?") for u in _URL.findall(source) if u.rstrip(".,;:!?") not in translated]
     if lost:
         raise _Retryable(f"{where}: URL {lost[0]} missing from the reply")
@@ -115,7 +116,7 @@ def parse_reply(conv: Conversation, reply: str) -> tuple[str | None, tuple[str, 
         raise _Retryable(f"reply markers {found[:6]} do not match the {len(_markers(conv))} sent")
     bodies = [b.strip() for b in _MARKER.split(reply)[3::3]]
     sources = ([conv.system] if conv.system else []) + list(conv.turns)
-    for (role, n), src, out in zip(found, sources, bodies):
+    for (role, n), src, out in zip(found, sources, bodies, strict=True):
         if not out:
             raise _Retryable(f"reply turn {role} {n} is empty")
         _check_verbatim(src, out, f"turn {role} {n}")
@@ -188,7 +189,8 @@ class ChatEndpoint:
             ) from None
         if exc.code == 404:
             raise FatalEndpointError(
-                f"{self.url}: HTTP 404 ({detail}); check --base-url (OpenAI-style URLs end in /v1) and --model {self.model!r}"
+                f"{self.url}: HTTP 404 ({detail}); check --base-url (OpenAI-style URLs end in /v1) "
+                f"and --model {self.model!r}"
             ) from None
         if exc.code in RETRY_STATUS:
             after = exc.headers.get("Retry-After") if exc.headers else None
@@ -289,7 +291,9 @@ class TranslationCache:
                 entry = json.loads(line)
                 self.entries[entry["key"]] = entry
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{self.path} line {n}: not a cache entry; delete that line (or the file to start over)") from None
+                raise ValueError(
+                    f"{self.path} line {n}: not a cache entry; delete that line (or the file to start over)"
+                ) from None
         if len(complete) != len(data):
             with self.path.open("r+b") as f:
                 f.truncate(len(complete))
@@ -332,7 +336,8 @@ def _run_requests(endpoint: ChatEndpoint, todo: list[Conversation], cache: Trans
             conv = futures[fut]
             try:
                 (system, turns), usage = fut.result()
-                cache.add({"key": keys[conv.row], "row": conv.row, "system": system, "turns": list(turns), "usage": usage})
+                entry = {"key": keys[conv.row], "row": conv.row, "system": system, "turns": list(turns)}
+                cache.add({**entry, "usage": usage})
             except RowError as exc:
                 errors[conv.row] = str(exc)
             bar.update(1)
@@ -373,7 +378,7 @@ def translate_dataset(
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     output_path = Path(output_path)
     convs = read_conversations(Path(input_path), field=field, system_field=system_field)[:limit]
-    cache = TranslationCache(Path(cache_path) if cache_path else output_path.with_name(output_path.name + ".cache.jsonl"))
+    cache = TranslationCache(Path(cache_path or output_path.with_name(output_path.name + ".cache.jsonl")))
     keys = {c.row: cache_key(c, model=endpoint.model, temperature=endpoint.temperature) for c in convs}
     first_row = {}  # identical inputs are requested once
     for c in convs:
@@ -394,7 +399,8 @@ def _finish(convs: list[Conversation], keys: dict[int, str], cache: TranslationC
     errors_path = output_path.with_name(output_path.name + ".errors.jsonl")
     manifest_path = output_path.with_name(output_path.name + ".manifest.json")
     if errors:
-        _write_atomic(errors_path, [json.dumps({"row": r, "reason": errors[r]}, ensure_ascii=False) + "\n" for r in sorted(errors)])
+        lines = [json.dumps({"row": r, "reason": errors[r]}, ensure_ascii=False) + "\n" for r in sorted(errors)]
+        _write_atomic(errors_path, lines)
     else:
         errors_path.unlink(missing_ok=True)
     if errors and not allow_partial:

@@ -39,6 +39,11 @@ def _turns(content: str) -> list[tuple[str, str, str]]:
     return [(parts[i], parts[i + 1], parts[i + 2].strip()) for i in range(1, len(parts), 3)]
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default backlog of 5 resets connections when 8 arrive at once
+
+
 class FakeChatServer:
     """``with FakeChatServer() as server: server.base_url`` -> ``http://127.0.0.1:PORT/v1``."""
 
@@ -47,8 +52,7 @@ class FakeChatServer:
         self.log: list[tuple[str, str]] = []
         self.attempts: Counter = Counter()
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), self._handler())
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def __enter__(self) -> "FakeChatServer":

@@ -15,8 +15,22 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from kobllla.wiki import DumpReader, build_kowikitext, download_dump, dump_url, split_of, wikitext_to_text
-from tests._wikidump_fixture import FOOTER, HEADER, WikiPage, page_xml, realistic_pages, write_dump
+from kobllla.wiki import (
+    DumpReader,
+    build_kowikitext,
+    download_dump,
+    dump_url,
+    split_of,
+    wikitext_to_text,
+)
+from tests._wikidump_fixture import (
+    FOOTER,
+    HEADER,
+    WikiPage,
+    page_xml,
+    realistic_pages,
+    write_dump,
+)
 from tools.build_kowikitext import main
 
 SEOUL_WIKITEXT = """{{다른 뜻|서울 (동음이의)}}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from kobllla.translate import (
-    ChatEndpoint, Conversation, FatalEndpointError, RowsFailedError, parse_reply, render_turns, translate_dataset,
+    ChatEndpoint,
+    Conversation,
+    FatalEndpointError,
+    RowsFailedError,
+    parse_reply,
+    render_turns,
+    translate_dataset,
 )
 from tests._chat_server_fixture import FakeChatServer, fake_translation
 from tools.translate_dataset import main
@@ -46,7 +51,7 @@ def expected(row: dict) -> dict:
 
 
 def endpoint(server: FakeChatServer, **kw) -> ChatEndpoint:
-    settings = {"timeout_s": 0.5, "max_attempts": 4, "backoff_s": 0.001, "sleep": lambda s: None}
+    settings = {"timeout_s": 2.0, "max_attempts": 4, "backoff_s": 0.001, "sleep": lambda s: None}
     return ChatEndpoint(base_url=server.base_url, model="test-model", **{**settings, **kw})
 
 
@@ -102,8 +107,8 @@ def test_429_5xx_malformed_replies_and_a_hang_are_retried_until_they_succeed(tmp
     rows = lima_rows(8, scripts)
     rows[6]["conversations"][1] = CODE_ANSWER
     sleeps: list[float] = []
-    with FakeChatServer(hang_s=1.5) as server:
-        ep = endpoint(server, timeout_s=0.3, backoff_s=0.5, sleep=sleeps.append)
+    with FakeChatServer(hang_s=2.5) as server:
+        ep = endpoint(server, timeout_s=1.0, backoff_s=0.5, sleep=sleeps.append)
         m = run(tmp_path, rows, server, ep=ep, concurrency=8)
         attempts = [server.attempts[r["conversations"][0]] for r in rows]
     assert read_jsonl(tmp_path / "kolima.jsonl") == [expected(r) for r in rows]

@@ -28,21 +28,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dump", type=Path, help="MediaWiki XML export: .xml, .xml.bz2 (multistream too), .xml.gz")
-    source.add_argument("--download", metavar="YYYYMMDD", help="fetch kowiki-YYYYMMDD-pages-articles-multistream.xml.bz2 first")
+    source.add_argument("--download", metavar="YYYYMMDD",
+                        help="fetch kowiki-YYYYMMDD-pages-articles-multistream.xml.bz2 first")
     parser.add_argument("--download-dir", type=Path, default=Path("data/dumps"), help="where --download saves the dump")
     parser.add_argument("--out", type=Path, required=True, help="output directory (written atomically)")
-    parser.add_argument("--format", default="parquet", choices=["parquet", "csv"], help="parquet (id,title,text) or the seed's CSV (text)")
+    parser.add_argument("--format", default="parquet", choices=["parquet", "csv"],
+                        help="parquet (id, title, text) or the seed's CSV (text)")
     parser.add_argument("--min-chars", type=int, default=100, help="drop pages whose body is shorter (default 100)")
     parser.add_argument("--dev-fraction", type=float, default=0.005)
     parser.add_argument("--test-fraction", type=float, default=0.005)
     parser.add_argument("--drop-section", action="append", metavar="TITLE",
-                        help=f"section title to drop with its subsections (repeatable; default: {', '.join(DEFAULT_DROP_SECTIONS)})")
+                        help="section title to drop with its subsections (repeatable; default: "
+                        f"{', '.join(DEFAULT_DROP_SECTIONS)})")
     parser.add_argument("--workers", type=int, default=None, help="parser processes (default: every core)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        dump = args.dump or download_dump(date=args.download, dest_dir=args.download_dir, progress=not args.no_progress)
+        dump = args.dump or download_dump(
+            date=args.download, dest_dir=args.download_dir, progress=not args.no_progress
+        )
         manifest = build_kowikitext(
             dump=dump, out_dir=args.out, fmt=args.format, min_chars=args.min_chars,
             dev_fraction=args.dev_fraction, test_fraction=args.test_fraction,

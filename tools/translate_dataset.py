@@ -26,7 +26,12 @@ import os
 import sys
 from pathlib import Path
 
-from kobllla.translate import ChatEndpoint, FatalEndpointError, RowsFailedError, translate_dataset
+from kobllla.translate import (
+    ChatEndpoint,
+    FatalEndpointError,
+    RowsFailedError,
+    translate_dataset,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="KoLIMA rows (.jsonl), written when complete")
     parser.add_argument("--base-url", required=True, help="OpenAI-compatible API root, e.g. http://localhost:8000/v1")
     parser.add_argument("--model", required=True)
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key (unset: no key sent)")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                        help="environment variable holding the key (unset: no key sent)")
     parser.add_argument("--field", default="conversations", help="column with the list of turns")
     parser.add_argument("--system-field", default="system", help="optional per-row system prompt column")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
@@ -43,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-attempts", type=int, default=6, help="tries per row on 429/5xx/timeouts/bad replies")
     parser.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each time")
     parser.add_argument("--temperature", type=float, default=0.3)
-    parser.add_argument("--max-tokens", type=int, default=None, help="output token limit per reply (default: the server's)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="output token limit per reply (default: the server's)")
     parser.add_argument("--cache", type=Path, default=None, help="cache file (default OUTPUT.cache.jsonl)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows")
     parser.add_argument("--allow-partial", action="store_true", help="write the output without the rows that failed")

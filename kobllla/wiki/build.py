@@ -114,7 +114,7 @@ class _ParquetWriter:
 
     def _flush(self) -> None:
         if self._rows:
-            ids, titles, texts = zip(*self._rows)
+            ids, titles, texts = zip(*self._rows, strict=True)
             self._writer.write_table(pa.table([ids, titles, texts], schema=PARQUET_SCHEMA))
             self._rows = []
 

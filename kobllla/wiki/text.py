@@ -23,7 +23,12 @@ from dataclasses import dataclass
 
 import mwparserfromhell
 from mwparserfromhell.nodes import (
-    Comment, ExternalLink, Heading, HTMLEntity, Tag, Template, Text, Wikilink,
+    ExternalLink,
+    Heading,
+    HTMLEntity,
+    Tag,
+    Text,
+    Wikilink,
 )
 from mwparserfromhell.wikicode import Wikicode
 
@@ -162,7 +167,7 @@ def wikitext_to_text(
             keep[i] = keep[i] or keep[j]
             j += 1
     blocks = [_heading(1, _clean_line(title))]
-    for (level, head, body), k in zip(sections, keep):
+    for (level, head, body), k in zip(sections, keep, strict=True):
         if k and head:
             blocks.append(_heading(level, head))
         if k and body:

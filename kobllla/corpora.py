@@ -92,3 +92,59 @@ def write_text_csv(path: Path, docs: list[Document], *, repeat: int = 1) -> Path
             writer.writerows([d.text] for d in docs)
     tmp.replace(path)
     return path
+
+
+def _first_paragraph(text: str) -> tuple[str, str]:
+    """(title, first prose paragraph) of a pydoc topic: the heading and the text under it."""
+    blocks = [b for b in re.split(r"\n\s*\n", text) if b.strip()]
+    title = blocks[0].splitlines()[0].strip()
+    for block in blocks[1:]:
+        underlined = any(re.fullmatch(r"[*=\-~^]{3,}", ln.strip()) for ln in block.splitlines())
+        if block.startswith(" ") or underlined or block.startswith(("New in version", "Changed in version")):
+            continue
+        return title, " ".join(line.strip() for line in block.splitlines())
+    return title, ""
+
+
+def english_qa_pairs(docs: list[Document]) -> list[tuple[str, str]]:
+    """Question/answer pairs from pydoc topics: the topic's heading asked about, its first paragraph."""
+    pairs = []
+    for doc in docs:
+        title, answer = _first_paragraph(doc.text)
+        if answer:
+            subject = title[0].lower() + title[1:] if title.startswith("The ") else title
+            pairs.append((f"What does the Python reference say about {subject}?", answer))
+    return pairs
+
+
+def korean_qa_pairs(articles: list[Document]) -> list[tuple[str, str]]:
+    """KoLIMA-style pairs from the Constitution: a banmal question, a jondaetmal answer."""
+    pairs = []
+    for doc in articles:
+        m = re.match(r"(제\d+조(?:의\d+)?)\s*(.*)", doc.text, re.DOTALL)
+        if not m:
+            continue
+        article, body = m.group(1), " ".join(m.group(2).split())
+        pairs.append((f"헌법 {article}는 무슨 내용이야?", f"헌법 {article}는 다음과 같이 정하고 있습니다. {body}"))
+    return pairs
+
+
+def truthfulqa_rows(pairs: list[tuple[str, str]], *, distractors: int = 3) -> list[dict]:
+    """TruthfulQA ``multiple_choice`` rows: each question's own answer is true, others' are false.
+
+    Answers are cut to their first sentence; distractors are the next questions' answers, so
+    the file is deterministic.
+    """
+    if len(pairs) <= distractors:
+        raise ValueError(f"need more than {distractors} pairs to draw distractors from, got {len(pairs)}")
+    firsts = [re.split(r"(?<=[.:])\s", a, maxsplit=1)[0] for _, a in pairs]
+    rows = []
+    for i, (question, _) in enumerate(pairs):
+        choices = [firsts[i]] + [firsts[(i + k) % len(pairs)] for k in range(1, distractors + 1)]
+        labels = [1] + [0] * distractors
+        rows.append({
+            "question": question,
+            "mc1_targets": {"choices": choices, "labels": labels},
+            "mc2_targets": {"choices": choices, "labels": labels},
+        })
+    return rows

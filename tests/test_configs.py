@@ -19,14 +19,11 @@ STAGE_COMMAND = {
     "stage3_kolima_bilima_lora.yaml": "lora_finetune_distributed",
     "stage1_kowiki_lora_single_device.yaml": "lora_finetune_single_device",
     "stage1_kowiki_qlora_single_device.yaml": "lora_finetune_single_device",
+    "stage0_pretrain_en_full.yaml": "full_finetune_single_device",
+    "stage0_instruct_en_full.yaml": "full_finetune_single_device",
+    "stage1_pretokenized_lora.yaml": "lora_finetune_distributed",
 }
 
-# Fixture files standing in for each dataset's real data, by builder and argument.
-FIXTURE_FOR = {
-    "data_files": None,  # decided per builder below
-    "en_data_files": ASSETS / "lima_en_tiny.jsonl",
-    "ko_data_files": ASSETS / "kolima_tiny.jsonl",
-}
 
 
 def dataset_nodes(cfg: DictConfig) -> list[DictConfig]:
@@ -74,20 +71,27 @@ def test_config_header_names_its_own_exact_command(path: Path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_every_dataset_in_the_config_builds_on_the_fixtures(path: Path):
+def test_every_dataset_in_the_config_builds_on_the_fixtures(path: Path, tmp_path: Path):
     cfg = OmegaConf.load(path)
     tok = make_llama3_tokenizer(max_seq_len=cfg.tokenizer.max_seq_len)
     built = []
     for node in dataset_nodes(cfg):
         node = OmegaConf.to_container(node)
-        if node["_component_"].endswith("kowikitext_dataset"):
+        if node["_component_"].endswith("pretokenized_dataset"):
+            from kobllla.assets import llama3_tokenizer_model_path
+            from kobllla.pretokenized import pretokenize
+
+            pretokenize(source="csv", data_files=str(ASSETS / "kowiki_tiny.csv"), out_dir=tmp_path / "tokens",
+                        tokenizer_path=llama3_tokenizer_model_path(), workers=1, progress=False)
+            node.update(path=str(tmp_path / "tokens"))
+        elif node["_component_"].endswith("kowikitext_dataset"):
             node.update(source="csv", data_files=str(ASSETS / "kowiki_tiny.csv"))
         elif node["_component_"].endswith("kolima_dataset"):
             node.update(data_files=str(ASSETS / "kolima_tiny.jsonl"))
         elif "source" in node and node.get("source") is not None:
             node.update(data_files=str(ASSETS / "bilima_paired.jsonl"))
         else:
-            node.update(en_data_files=str(FIXTURE_FOR["en_data_files"]), ko_data_files=str(FIXTURE_FOR["ko_data_files"]))
+            node.update(en_data_files=str(ASSETS / "lima_en_tiny.jsonl"), ko_data_files=str(ASSETS / "kolima_tiny.jsonl"))
         ds = tt_config.instantiate(OmegaConf.create(node), tok)
         assert len(ds) > 0
         sample = ds[0]

@@ -3,11 +3,13 @@
 - :func:`kowikitext_dataset`: stage 1, Korean Wikipedia text completion, no token dropped.
 - :func:`kolima_dataset`: stage 3, KoLIMA chat (LIMA rows or the seed's ``[sep]`` CSV).
 - :func:`bilima_dataset`: stage 3, bilingual LIMA (``en_ko`` / ``ko_en``).
+- :func:`pretokenized_dataset`: stage 1 at scale, windows read from a ``tools.pretokenize`` file.
 """
 
 from kobllla.datasets._bilima import bilima_dataset
 from kobllla.datasets._chat import ChatDataset, kolima_dataset
 from kobllla.datasets._ko_wiki import PackedTextDataset, TextWindowDataset, kowikitext_dataset
+from kobllla.datasets._pretokenized import pretokenized_dataset
 
 __all__ = [
     "ChatDataset",
@@ -16,4 +18,5 @@ __all__ = [
     "bilima_dataset",
     "kolima_dataset",
     "kowikitext_dataset",
+    "pretokenized_dataset",
 ]

@@ -40,7 +40,7 @@ from kobllla.chat_vector import (
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.chat_vector", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tools.chat_vector", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", type=Path, help="model the instruct model was tuned from")
     p.add_argument("--instruct", type=Path, help="the chat model whose chat ability is transferred")

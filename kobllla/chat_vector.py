@@ -65,7 +65,8 @@ _DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float1
 ARCH_DEFAULTS: dict[str, object] = {
     "model_type": None, "hidden_size": None, "num_hidden_layers": None,
     "num_attention_heads": None, "num_key_value_heads": None, "intermediate_size": None,
-    "head_dim": None, "hidden_act": "silu", "rms_norm_eps": None, "rope": None,
+    "head_dim": None, "hidden_act": "silu", "rms_norm_eps": None, "rope_theta": None,
+    "rope_scaling": None,
     "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
 }
 
@@ -108,23 +109,26 @@ class ChatVectorResult:
 
 
 def architecture(ckpt: Checkpoint) -> dict[str, object] | None:
-    """The architecture fields of ``config.json`` (or Meta's ``params.json``), defaults filled."""
+    """The architecture fields of ``config.json`` (or Meta's ``params.json``), defaults filled.
+
+    RoPE settings are read from the top-level ``rope_theta``/``rope_scaling`` or from
+    transformers 5's ``rope_parameters``, whichever the file has.
+    """
     if ckpt.config is not None:
         cfg = ckpt.config
         rope = dict(cfg.get("rope_parameters") or {})
+        theta = cfg.get("rope_theta", rope.pop("rope_theta", 10000.0))
         rope.update(cfg.get("rope_scaling") or {})
-        if "rope_theta" in cfg:
-            rope.setdefault("rope_theta", cfg["rope_theta"])
-        if rope.get("rope_type") == "default":
-            del rope["rope_type"]
+        if rope.get("rope_type", rope.get("type")) == "default":
+            rope = {}
         arch = {k: cfg.get(k, default) for k, default in ARCH_DEFAULTS.items()}
-        arch["rope"] = rope or None
+        arch["rope_theta"], arch["rope_scaling"] = float(theta), rope or None
     elif ckpt.params is not None:
         p = ckpt.params
         arch = {"hidden_size": p.get("dim"), "num_hidden_layers": p.get("n_layers"),
                 "num_attention_heads": p.get("n_heads"),
                 "num_key_value_heads": p.get("n_kv_heads", p.get("n_heads")),
-                "rms_norm_eps": p.get("norm_eps"), "rope": {"rope_theta": p.get("rope_theta", 10000.0)}}
+                "rms_norm_eps": p.get("norm_eps"), "rope_theta": float(p.get("rope_theta", 10000.0))}
     else:
         return None
     if arch.get("head_dim") is None and arch.get("hidden_size") and arch.get("num_attention_heads"):
@@ -148,7 +152,7 @@ def check_same_architecture(named: dict[str, Checkpoint]) -> list[str]:
     known = [(role, arch) for role, arch in archs.items() if arch is not None]
     for (role_a, a), (role_b, b) in zip(known, known[1:]):
         for key in ARCH_DEFAULTS:
-            if key in a and key in b and a[key] is not None and b[key] is not None and a[key] != b[key]:
+            if key in a and key in b and a[key] != b[key]:
                 raise ValueError(
                     f"architecture differs: {key} is {a[key]!r} in {role_a} ({_config_file(named[role_a])}) "
                     f"but {b[key]!r} in {role_b} ({_config_file(named[role_b])}); a chat vector only "

@@ -293,7 +293,11 @@ def test_different_architecture_is_refused_naming_field_and_files(trio: dict[str
     refused(tmp_path, ValueError, r"architecture differs: num_key_value_heads is 1 in instruct \(.*instruct/config.json\) "
                                   r"but 2 in target \(.*gqa/config.json\)", **trio)
     trio["target"] = micro(tmp_path / "rope", seed=2, rope_theta=10000.0)
-    refused(tmp_path, ValueError, "architecture differs: rope is {'rope_theta': 500000.0} in instruct", **trio)
+    refused(tmp_path, ValueError, r"architecture differs: rope_theta is 500000.0 in instruct .* but 10000.0 in target", **trio)
+    trio["target"] = micro(tmp_path / "rope31", seed=2,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192})
+    refused(tmp_path, ValueError, r"architecture differs: rope_scaling is None in instruct .* but "
+                                  r"\{'rope_type': 'llama3', 'factor': 8.0, .*\} in target", **trio)
 
 
 @pytest.mark.parametrize("role", ["base", "instruct", "target"])

@@ -85,11 +85,16 @@ def open_pretokenized(path: str | Path) -> PretokenizedCorpus:
     path = Path(path).expanduser()
     if not path.is_dir():
         partial = _partial_dir(path)
-        hint = f"; an unfinished run is in {partial}: rerun the same pretokenize command to finish it" if partial.is_dir() else ""
-        raise FileNotFoundError(f"{path}: no pretokenized corpus here; make one with python -m tools.pretokenize --out {path}{hint}")
+        hint = f"; an unfinished run is in {partial}: rerun the same pretokenize command to finish it"
+        raise FileNotFoundError(
+            f"{path}: no pretokenized corpus here; make one with python -m tools.pretokenize --out {path}"
+            f"{hint if partial.is_dir() else ''}"
+        )
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        raise ValueError(f"{path}: no {MANIFEST}, so not a complete pretokenized corpus; rebuild it with python -m tools.pretokenize")
+        raise ValueError(
+            f"{path}: no {MANIFEST}, so not a complete pretokenized corpus; rebuild it with python -m tools.pretokenize"
+        )
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     if manifest.get("kind") != KIND or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
@@ -105,7 +110,7 @@ def open_pretokenized(path: str | Path) -> PretokenizedCorpus:
 
 def _map(file: Path, dtype: np.dtype, count: int) -> np.ndarray:
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing; the corpus is incomplete, rebuild it with python -m tools.pretokenize")
+        raise FileNotFoundError(f"{file}: missing, so the corpus is incomplete; rebuild it with tools.pretokenize")
     size = file.stat().st_size
     if size != count * dtype.itemsize or count == 0:
         raise ValueError(
@@ -185,7 +190,8 @@ def pretokenize(
     if state["documents"] == 0:
         shutil.rmtree(work, ignore_errors=True)
         raise ValueError(
-            f"no text to tokenize: {state['rows']} rows read, {state['skipped_empty']} empty; check --column/--data-files"
+            f"no text to tokenize: {state['rows']} rows read, {state['skipped_empty']} empty; "
+            "check --column/--data-files"
         )
     manifest = _manifest(state, fingerprint, tokenizer, workers, time.monotonic() - start)
     _commit(work, out_dir, manifest)
@@ -213,7 +219,10 @@ def _load_tokenizer(path: Path):
 
 def _fingerprint(source: str, data_files, name, split: str, column: str, tokenizer_path: Path) -> dict:
     """What decides the output: a partial run is resumed only when this is unchanged."""
-    files = [] if data_files is None else [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+    if data_files is None:
+        files = []
+    else:
+        files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
     if not files and (source not in LOCAL_FORMATS and Path(source).expanduser().is_file()):
         files = [source]
     inputs = []
@@ -231,12 +240,13 @@ def _fingerprint(source: str, data_files, name, split: str, column: str, tokeniz
 
 def _resume_or_start(work: Path, fingerprint: dict) -> dict:
     """Opens ``work`` for appending: resumes a matching partial run or starts a fresh one."""
-    fresh = {"fingerprint": fingerprint, "rows": 0, "documents": 0, "tokens": 0, "skipped_empty": 0, "resumed_at_row": 0}
+    fresh = {"fingerprint": fingerprint, "rows": 0, "documents": 0, "tokens": 0, "skipped_empty": 0,
+             "resumed_at_row": 0}
     owner = work / OWNER
     if owner.is_file():
         pid = int(owner.read_text() or 0)
         if pid != os.getpid() and _alive(pid):
-            raise RuntimeError(f"{work}: another pretokenize (pid {pid}) is writing this output; wait for it or stop it")
+            raise RuntimeError(f"{work}: another pretokenize (pid {pid}) is writing this output; wait or stop it")
     progress = work / PROGRESS
     state = json.loads(progress.read_text(encoding="utf-8")) if progress.is_file() else None
     if state is None or state.get("fingerprint") != fingerprint or not _truncate_to(work, state):
@@ -254,7 +264,8 @@ def _resume_or_start(work: Path, fingerprint: dict) -> dict:
 
 def _truncate_to(work: Path, state: dict) -> bool:
     """Cuts bytes written after the last commit (a kill mid-chunk); False if files are short."""
-    for f, size in ((TOKENS_FILE, state["tokens"] * TOKEN_DTYPE.itemsize), (ENDS_FILE, state["documents"] * END_DTYPE.itemsize)):
+    sizes = {TOKENS_FILE: state["tokens"] * TOKEN_DTYPE.itemsize, ENDS_FILE: state["documents"] * END_DTYPE.itemsize}
+    for f, size in sizes.items():
         path = work / f
         if not path.is_file() or path.stat().st_size < size:
             return False
@@ -272,7 +283,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _chunks(source: str, data_files, name, split: str, column: str, skip_rows: int, chunk_rows: int) -> Iterator[tuple[int, int, list[str]]]:
+def _chunks(
+    source: str, data_files, name, split: str, column: str, skip_rows: int, chunk_rows: int
+) -> Iterator[tuple[int, int, list[str]]]:
     """(rows, empty rows, texts) per chunk of ``chunk_rows`` rows, after skipping committed rows."""
     rows, empty, texts = 0, 0, []
     for i, (ref, row) in enumerate(iter_rows(source, data_files=data_files, name=name, split=split)):
@@ -282,7 +295,9 @@ def _chunks(source: str, data_files, name, split: str, column: str, skip_rows: i
         if text is None:
             text = ""
         if not isinstance(text, str):
-            raise ValueError(f"{ref}: field {column!r} is {type(text).__name__}, expected text; fix the row or pick another --column")
+            raise ValueError(
+                f"{ref}: field {column!r} is {type(text).__name__}, expected text; fix the row or pick another --column"
+            )
         rows += 1
         if text.strip():
             texts.append(text)
@@ -386,11 +401,13 @@ def _manifest(state: dict, fingerprint: dict, tokenizer, workers: int, elapsed: 
         },
         "layout": LAYOUT,
         "counts": {
-            "rows": state["rows"], "documents": state["documents"], "skipped_empty": state["skipped_empty"], "tokens": tokens,
+            "rows": state["rows"], "documents": state["documents"], "skipped_empty": state["skipped_empty"],
+            "tokens": tokens,
         },
         "source": {k: fingerprint[k] for k in ("source", "name", "split", "column", "inputs")},
         "tokenizer": {
-            **fingerprint["tokenizer"], "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+            **fingerprint["tokenizer"],
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
             "probe": {"text": PROBE_TEXT, "ids": tokenizer.encode(PROBE_TEXT, add_bos=False, add_eos=False)},
         },
         "settings": {"workers": workers, "resumed_at_row": state["resumed_at_row"]},
@@ -432,12 +449,14 @@ def check_tokenizer(manifest: dict, tokenizer, *, where: Path) -> None:
     for key in ("bos_id", "eos_id"):
         if getattr(tokenizer, key) != info[key]:
             raise ValueError(
-                f"{where}: tokens were written with {key} {info[key]}, the config's tokenizer has {getattr(tokenizer, key)}; "
-                f"point tokenizer.path at the tokenizer.model with sha256 {info['sha256'][:12]}... or rerun pretokenize"
+                f"{where}: tokens were written with {key} {info[key]}, the config's tokenizer has "
+                f"{getattr(tokenizer, key)}; point tokenizer.path at the tokenizer.model with sha256 "
+                f"{info['sha256'][:12]}... or rerun pretokenize"
             )
     probe = info["probe"]
     if tokenizer.encode(probe["text"], add_bos=False, add_eos=False) != probe["ids"]:
         raise ValueError(
-            f"{where}: the config's tokenizer encodes the manifest's probe text differently from the tokenizer that "
-            f"wrote this corpus ({info['path']}, sha256 {info['sha256'][:12]}...); use that tokenizer or rerun pretokenize"
+            f"{where}: the config's tokenizer encodes the manifest's probe text differently from the tokenizer "
+            f"that wrote this corpus ({info['path']}, sha256 {info['sha256'][:12]}...); use that tokenizer or "
+            "rerun pretokenize"
         )

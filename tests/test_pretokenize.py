@@ -68,9 +68,11 @@ def test_short_article_is_bos_text_eos_in_a_uint32_file(tmp_path):
     assert manifest["tokenizer"]["sha256"].startswith("82e9d319")
 
 
-def test_token_file_equals_kowikitext_tokenization_with_empty_rows_counted(ko_tokens, ko_csv, assets, llama3_tok, tmp_path):
+def test_token_file_equals_kowikitext_tokenization_with_empty_rows_counted(ko_tokens, ko_csv, assets, llama3_tok,
+                                                                          tmp_path):
     for source, out in ((ko_csv, ko_tokens), (assets / "kowiki_tiny.csv", build(tmp_path, assets / "kowiki_tiny.csv"))):
-        tokens, ends, stats = tokenize_documents(lambda s=source: iter_rows(str(s)), llama3_tok, column="text", filter_fn=None)
+        rows = lambda s=source: iter_rows(str(s))  # noqa: E731
+        tokens, ends, stats = tokenize_documents(rows, llama3_tok, column="text", filter_fn=None)
         assert np.fromfile(out / pt.TOKENS_FILE, dtype="<u4").tolist() == tokens.tolist()
         assert np.fromfile(out / pt.ENDS_FILE, dtype="<i8").tolist() == ends.tolist()
         counts = json.loads((out / pt.MANIFEST).read_text())["counts"]
@@ -181,7 +183,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(ko_tokens, ko_csv, tmp_path, 
     assert progress["rows"] == 30 and progress["documents"] == 30
     with open(partial / pt.TOKENS_FILE, "ab") as f:
         f.write(b"\x01\x02\x03\x04\x05\x06")  # bytes of a chunk that was never committed
-    with pytest.raises(FileNotFoundError, match=r"an unfinished run is in .*\.out\.partial: rerun the same pretokenize"):
+    with pytest.raises(FileNotFoundError, match=r"unfinished run is in .*\.out\.partial: rerun the same pretokenize"):
         pt.open_pretokenized(out)
     monkeypatch.setattr(pt, "_encode_chunk", real)
     calls.clear()
@@ -255,7 +257,7 @@ def test_missing_input_and_tokenizer_files_are_named(tmp_path, assets):
 
 
 def test_builder_refuses_a_missing_or_truncated_corpus(ko_tokens, llama3_tok, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere: no pretokenized corpus here; make one with python -m tools.pretokenize"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere: no pretokenized corpus here; make one with python -m tools"):
         pretokenized_dataset(llama3_tok, path=str(tmp_path / "nowhere"), max_seq_len=8)
     cut = tmp_path / "cut"
     cut.mkdir()

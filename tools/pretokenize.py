@@ -34,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="hub dataset configuration, e.g. 20231101.ko")
     parser.add_argument("--split", default="train", help="hub split (default train)")
     parser.add_argument("--column", default="text", help="the text column (default text)")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="Llama 3 tokenizer.model (original/tokenizer.model)")
+    parser.add_argument("--tokenizer", type=Path, required=True,
+                        help="Llama 3 tokenizer.model (a checkpoint's original/tokenizer.model)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (appears when complete)")
     parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: every core)")
-    parser.add_argument("--chunk-rows", type=int, default=512, help="rows per task and per resumable commit (default 512)")
+    parser.add_argument("--chunk-rows", type=int, default=512,
+                        help="rows per worker task and per resumable commit (default 512)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

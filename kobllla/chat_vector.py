@@ -117,7 +117,8 @@ def architecture(ckpt: Checkpoint) -> dict[str, object] | None:
     if ckpt.config is not None:
         cfg = ckpt.config
         rope = dict(cfg.get("rope_parameters") or {})
-        theta = cfg.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        theta = rope.pop("rope_theta", None)
+        theta = cfg.get("rope_theta") or theta or 10000.0
         rope.update(cfg.get("rope_scaling") or {})
         if rope.get("rope_type", rope.get("type")) == "default":
             rope = {}
@@ -538,7 +539,17 @@ def _progress_bar(total: int, enabled: bool, desc: str):
                 file=sys.stderr, mininterval=0.5)
 
 
+def _is_saved_vector(path: Path) -> bool:
+    manifest = Path(path) / MANIFEST_NAME
+    return manifest.is_file() and (_load(manifest) or {}).get("operation") == "extract"
+
+
 def _open_all(paths: dict[str, Path]) -> dict[str, Checkpoint]:
+    """Opens model checkpoints (refusing a saved vector passed as a model) and checks dtypes."""
+    for role, p in paths.items():
+        if _is_saved_vector(p):
+            raise ValueError(f"--{role} {p} is a chat vector saved by --save-vector, not a model; "
+                             "pass it as --vector")
     opened: dict[str, Checkpoint] = {}
     try:
         for role, p in paths.items():
@@ -780,9 +791,7 @@ def _copy_chat_files(out: Path, instruct: Path) -> dict[str, str]:
 
 def open_vector(path: Path) -> Checkpoint:
     """Opens a vector saved by :func:`extract_chat_vector` (refuses a plain model dir)."""
-    manifest = Path(path) / MANIFEST_NAME
-    data = _load(manifest) if manifest.is_file() else None
-    if not data or data.get("operation") != "extract":
+    if not _is_saved_vector(path):
         raise ValueError(f"{path} is not a chat vector saved by --save-vector (no {MANIFEST_NAME} "
                          "with operation 'extract'); pass --base and --instruct instead, or save one first")
     return open_checkpoint(Path(path))

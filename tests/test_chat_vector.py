@@ -146,6 +146,9 @@ def test_saved_vector_applied_later_equals_one_shot(tiny: dict[str, Path], tmp_p
     assert json.loads((applied / MANIFEST_NAME).read_text())["operation"] == "apply"
     with pytest.raises(ValueError, match="is not a chat vector saved by --save-vector"):
         apply_chat_vector(vector=tiny["instruct"], target=tiny["target"], out=tmp_path / "x")
+    with pytest.raises(ValueError, match="--target .*vec is a chat vector saved by --save-vector, not a model"):
+        merge(tiny, tmp_path / "x", target=vec)
+    assert not (tmp_path / "x").exists()
 
 
 # ------------------------------------------------------------------ output files

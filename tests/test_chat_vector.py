@@ -408,3 +408,24 @@ def test_cli_refuses_flag_combinations_that_mean_nothing(argv: list[str], messag
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_auto_dtype_keeps_each_target_tensors_dtype_and_float32_skips_rounding(tmp_path: Path) -> None:
+    base, instruct = micro(tmp_path / "b", seed=0), micro(tmp_path / "i", seed=1)
+    mixed = micro(tmp_path / "t", seed=2)  # a merged QLoRA checkpoint keeps norms/embeddings in fp32
+    tensors = load_file(mixed / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].float() + 1e-3
+    save_file(tensors, str(mixed / "model.safetensors"))
+    b, i, t = load_all(base), load_all(instruct), load_all(mixed)
+    exact = {k: t[k].float() + 0.3 * (i[k].float() - b[k].float()) for k in t}
+    auto = load_all(merge_chat_vector(base=base, instruct=instruct, target=mixed, out=tmp_path / "auto",
+                                      ratio=0.3, hash_files=False).out)
+    assert_same_bits(auto, {k: v.to(t[k].dtype) for k, v in exact.items()})
+    assert auto["model.norm.weight"].dtype == torch.float32 and auto["lm_head.weight"].dtype == torch.bfloat16
+    f32 = merge_chat_vector(base=base, instruct=instruct, target=mixed, out=tmp_path / "f32", ratio=0.3,
+                            dtype="float32", hash_files=False).out
+    assert_same_bits(load_all(f32), exact)
+    assert json.loads((f32 / "config.json").read_text())["torch_dtype"] == "float32"
+    # mixed output dtypes: config.json keeps the target's torch_dtype; the manifest lists both
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "auto" / MANIFEST_NAME).read_text())["output_dtypes"] == ["bfloat16", "float32"]

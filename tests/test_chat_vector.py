@@ -429,3 +429,13 @@ def test_auto_dtype_keeps_each_target_tensors_dtype_and_float32_skips_rounding(t
     # mixed output dtypes: config.json keeps the target's torch_dtype; the manifest lists both
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert json.loads((tmp_path / "auto" / MANIFEST_NAME).read_text())["output_dtypes"] == ["bfloat16", "float32"]
+
+
+def test_bfloat16_vector_is_half_the_size_and_rounds_the_difference_once_more(trio: dict[str, Path], tmp_path: Path) -> None:
+    vec = extract_chat_vector(base=trio["base"], instruct=trio["instruct"], out=tmp_path / "vec",
+                              dtype="bfloat16", hash_files=False).out
+    b, i, t = load_all(trio["base"]), load_all(trio["instruct"]), load_all(trio["target"])
+    v = {k: (i[k].float() - b[k].float()).to(torch.bfloat16) for k in b}
+    assert_same_bits(load_all(vec), v)
+    out = apply_chat_vector(vector=vec, target=trio["target"], out=tmp_path / "out", ratio=0.5, hash_files=False).out
+    assert_same_bits(load_all(out), {k: (t[k].float() + 0.5 * v[k].float()).to(torch.bfloat16) for k in t})

@@ -376,6 +376,8 @@ def translate_dataset(
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for every row), got {limit}")
     output_path = Path(output_path)
     convs = read_conversations(Path(input_path), field=field, system_field=system_field)[:limit]
     cache = TranslationCache(Path(cache_path or output_path.with_name(output_path.name + ".cache.jsonl")))

@@ -244,6 +244,14 @@ def test_bad_input_rows_are_refused_naming_file_row_and_field(tmp_path, content,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lima.jsonl"]
 
 
+@pytest.mark.parametrize(("kwargs", "match"), [({"concurrency": 0}, r"concurrency must be >= 1, got 0"),
+                                               ({"limit": 0}, r"limit must be >= 1 \(or None for every row\), got 0")])
+def test_bad_settings_are_refused(tmp_path, kwargs, match):
+    ep = ChatEndpoint(base_url="http://127.0.0.1:9/v1", model="m")
+    with pytest.raises(ValueError, match=match):
+        translate_dataset(input_path=tmp_path / "x.jsonl", output_path=tmp_path / "o.jsonl", endpoint=ep, **kwargs)
+
+
 def test_missing_input_file(tmp_path):
     ep = ChatEndpoint(base_url="http://127.0.0.1:9/v1", model="m")
     with pytest.raises(FileNotFoundError, match=r"input not found: .*nope.jsonl; pass LIMA's train.jsonl"):

@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, help="context length (default: the model config's)")
     parser.add_argument("--scorer", default="hf", choices=["hf", "shared_prefix"],
                         help="hf: lm_eval's HF model; shared_prefix: answers of a question share one context pass")
+    parser.add_argument("--fingerprint", default="sampled", choices=["sampled", "full"],
+                        help="checkpoint hash: sampled (1 MiB per 64 MiB block, default) or full (every byte)")
     args = parser.parse_args(argv)
     for label, spec in args.model:
         try:
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec, label=label, suites=args.suite, tasks=args.task, data_dir=args.data_dir,
                 heldout=dict(args.heldout), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                 limit=args.limit, num_fewshot=args.num_fewshot, max_length=args.max_length,
-                scorer=args.scorer, results_dir=args.results_dir,
+                scorer=args.scorer, fingerprint=args.fingerprint, results_dir=args.results_dir,
             )
         except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)

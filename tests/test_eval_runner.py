@@ -153,7 +153,7 @@ def test_run_record_carries_versions_nshot_samples_data_hashes_and_the_checkpoin
     assert len(tasks["kobest_boolq"]["data"]["files"]["test"]["sha256"]) == 64
     assert record["versions"]["lm_eval"] == "0.4.13"
     assert record["model"]["spec"] == str(models["base"].resolve())
-    assert record["model"]["fingerprint"].startswith("sha256:") and len(record["model"]["fingerprint"]) == 71
+    assert record["model"]["fingerprint"].startswith("sha256-sampled:") and len(record["model"]["fingerprint"]) == 79
     other = load_runs([results])["other"]
     assert other["model"]["fingerprint"] != record["model"]["fingerprint"]  # seed 1 vs seed 0 weights
     history = load_history(results)
@@ -317,3 +317,17 @@ def test_packed_row_shares_the_context_and_each_answer_sees_only_itself():
         [1, 1, 0, 0, 1, 0],
         [0, 0, 0, 0, 0, 1],  # padding sees itself only
     ]
+
+
+def test_fingerprint_changes_with_one_byte_and_names_its_mode(tmp_path):
+    from kobllla.evaluation._checkpoint import fingerprint_files
+
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(bytes(4096))
+    files = [tmp_path / "config.json", weights]
+    sampled, full = fingerprint_files(files, tmp_path), fingerprint_files(files, tmp_path, mode="full")
+    assert sampled.startswith("sha256-sampled:") and full.startswith("sha256:")
+    weights.write_bytes(bytes(4095) + b"\x01")
+    assert fingerprint_files(files, tmp_path) != sampled  # files under 64 MiB are hashed whole
+    assert fingerprint_files(files, tmp_path, mode="full") != full

@@ -365,3 +365,18 @@ def test_a_worker_killed_mid_run_fails_the_build_instead_of_hanging(tmp_path, mo
     with pytest.raises(RuntimeError, match=r"a parser worker died after \d+ pages of d.xml.bz2 .*rerun with fewer --workers"):
         build_kowikitext(dump=dump, out_dir=tmp_path / "out", workers=2, progress=False)
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
+
+
+def test_a_page_the_parser_cannot_handle_is_counted_and_the_rest_is_built(tmp_path, monkeypatch):
+    import kobllla.wiki.build as build
+
+    def fragile(title, wikitext, *, drop_sections):
+        if title == "서울특별시":
+            raise RecursionError("maximum recursion depth exceeded")
+        return wikitext_to_text(title, wikitext, drop_sections=drop_sections)
+
+    monkeypatch.setattr(build, "wikitext_to_text", fragile)
+    dump = write_dump(tmp_path / "d.xml.bz2", rule_pages())
+    m = build_kowikitext(dump=dump, out_dir=tmp_path / "out", workers=1, progress=False)
+    assert (m["pages"]["kept"], m["pages"]["dropped"]["parse_error"]) == (1, 1)
+    assert [r["id"] for r in read_split(tmp_path / "out", "train")] == [7]

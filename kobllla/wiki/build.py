@@ -300,7 +300,7 @@ def _keep_or_reason(text: str | None, body_chars: int, min_chars: int, seen: set
 
 def _manifest(reader: DumpReader, counts: Counter, splits: dict, settings: dict, elapsed: float) -> dict:
     kept = sum(s["rows"] for s in splits.values())
-    date = re.search(r"(\d{8})", reader.path.name)
+    date = re.search(r"-(\d{8})-", reader.path.name)
     return {
         "kind": "kobllla.kowikitext",
         "dump": {

@@ -102,13 +102,23 @@ def child_pretokenize(csv: str, out: str, workers: int, max_rows: int | None) ->
                 if i > max_rows:
                     break
                 writer.writerow(row)
+    cpu0 = _cpu_s()
     start = time.perf_counter()
     m = pretokenize(source="csv", data_files=src, out_dir=out, tokenizer_path=_tokenizer_path(), workers=workers,
                     overwrite=True, progress=False)
     elapsed = time.perf_counter() - start
+    cpu = _cpu_s() - cpu0  # this process + its (joined) workers, user + sys
     return {"workers": workers, "documents": m["counts"]["documents"], "tokens": m["counts"]["tokens"],
             "elapsed_s": round(elapsed, 1), "tokens_per_s": round(m["counts"]["tokens"] / elapsed),
+            "cpu_s": round(cpu, 1), "tokens_per_cpu_s": round(m["counts"]["tokens"] / cpu),
             "peak_rss_main_mb": round(peak_mb())}
+
+
+def _cpu_s() -> float:
+    import resource
+
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
 def _tokenizer_path() -> Path:

@@ -154,6 +154,26 @@ def test_packed_mixes_with_kowikitext_packs_in_a_concat_dataset(ko_tokens, asset
     assert mixed[len(mixed) - 1]["tokens"].shape == (32,)
 
 
+def test_each_rank_gets_a_disjoint_share_in_the_same_order_on_every_run(ko_tokens, llama3_tok):
+    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+    def shares(epoch: int) -> list[list[int]]:
+        ds = pretokenized_dataset(llama3_tok, path=str(ko_tokens), max_seq_len=16, packed=True)
+        out = []
+        for rank in (0, 1):  # as lora_finetune_distributed builds it, shuffle: True
+            sampler = StatefulDistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True)
+            sampler.set_epoch(epoch)
+            out.append(list(sampler))
+        return out
+
+    n = len(pretokenized_dataset(llama3_tok, path=str(ko_tokens), max_seq_len=16, packed=True))
+    rank0, rank1 = shares(0)
+    assert len(rank0) == len(rank1) == (n + 1) // 2
+    assert set(rank0) | set(rank1) == set(range(n))
+    assert len(set(rank0) & set(rank1)) == (n % 2)  # the sampler pads an odd count with one repeat
+    assert shares(0) == [rank0, rank1] and shares(1) != [rank0, rank1]
+
+
 def test_pickling_reopens_the_file_instead_of_copying_the_tokens(ko_tokens, llama3_tok):
     ds = pretokenized_dataset(llama3_tok, path=str(ko_tokens), max_seq_len=16, packed=True)
     blob = pickle.dumps(ds)

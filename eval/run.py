@@ -6,8 +6,8 @@
     python -m eval.run --model stage1=runs/stage1/epoch_0 --suite english_retention \
         --data-dir data/eval --heldout ko=heldout/ko.txt --heldout en=heldout/en.txt --results-dir runs/eval
     # tiny CPU smoke run on the repo's fixtures (~30 s):
-    python -m tools.make_tiny_model --out runs/tiny/base --dtype float32
-    python -m eval.run --model tiny=runs/tiny/base --suite english_retention --data-dir tests/assets/eval/data \
+    python -m tools.make_tiny_model --out runs/eval-smoke/models/base --dtype float32
+    python -m eval.run --model tiny=runs/eval-smoke/models/base --suite english_retention --data-dir tests/assets/eval/data \
         --device cpu --results-dir runs/eval-smoke
 
 Suites: english_retention (truthfulqa_mc2 = the gate, truthfulqa_mc1), korean (kobest x5, haerae x5,
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: wrote {record['path']}")
         for task, entry in record["tasks"].items():
             scores = ", ".join(f"{m} {e['value']:.4f}" for m, e in entry["metrics"].items() if e["value"] is not None)
-            print(f"  {task} (v{entry['version']}, {entry['n_shot']}-shot, n={entry['n_samples']['effective']}): {scores}")
+            print(f"  {task} (version {entry['version']}, {entry['n_shot']}-shot, n={entry['n_samples']['effective']}): {scores}")
     return 0
 
 

@@ -158,3 +158,49 @@ def test_bad_record_files_are_one_line_errors(tmp_path):
         load_run(tmp_path / "y.json")
     with pytest.raises(FileNotFoundError, match=r"run record .*z\.json does not exist"):
         load_run(tmp_path / "z.json")
+
+
+# --- plans (eval/suites/*.yaml) ------------------------------------------------------------------
+
+
+def test_shipped_plans_are_valid():
+    from kobllla.evaluation import load_plan
+
+    suites = Path(__file__).parent.parent / "eval" / "suites"
+    plan = load_plan(suites / "kobllla_8b.yaml")
+    assert plan["compare"] == {"stage1": "llama3", "chatvec": "llama3-instruct", "stage3": "llama3-instruct"}
+    assert plan["gates"] == {"truthfulqa_mc2/acc": 0.01} and plan["suites"] == ["english_retention", "korean"]
+    assert load_plan(suites / "tiny_smoke.yaml")["data_dir"] == "tests/assets/eval/data"
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        ({"models": {"a": "x"}, "results_dir": "r", "report_dir": "o", "suite": ["korean"]},
+         r"plan: unknown key\(s\) \['suite'\]; valid keys: \['batch_size', 'compare', "),
+        ({"models": {"a": "x"}, "report_dir": "o"}, r"plan: missing \['results_dir'\]; a plan needs models"),
+        ({"models": {"a": "x"}, "results_dir": "r", "report_dir": "o", "compare": {"b": "a"}},
+         r"plan: compare names 'b', which is not in models \['a'\]"),
+        ({"models": {"a b": "x"}, "results_dir": "r", "report_dir": "o"}, r"label 'a b' must start with a letter"),
+    ],
+)
+def test_bad_plans_are_one_line_errors(plan, message):
+    from kobllla.evaluation import check_plan
+
+    with pytest.raises(ValueError, match=message):
+        check_plan(plan)
+
+
+def test_report_only_plan_renders_from_stored_runs_and_gates(seed_runs, tmp_path):
+    from eval import plan as plan_cli
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        f"models: {{llama3: /ckpt/llama3, kobblla: /ckpt/kobblla}}\nresults_dir: {seed_runs}\n"
+        f"report_dir: {tmp_path / 'report'}\ncompare: {{kobblla: llama3}}\ngates: {{truthfulqa_mc2/acc: 0.005}}\n"
+    )
+    assert plan_cli.main([str(plan), "--report-only"]) == 1  # -0.0092 is beyond 0.005
+    assert "| kobblla | llama3 | 0.4304 ± 0.0150 (-0.0092) | **FAIL** |" in (tmp_path / "report" / "report.md").read_text()
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(plan.read_text().replace("kobblla: /ckpt/kobblla", "stage9: /ckpt/s9").replace("compare: {kobblla", "compare: {stage9"))
+    assert plan_cli.main([str(missing), "--report-only"]) == 2

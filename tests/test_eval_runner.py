@@ -331,3 +331,20 @@ def test_fingerprint_changes_with_one_byte_and_names_its_mode(tmp_path):
     weights.write_bytes(bytes(4095) + b"\x01")
     assert fingerprint_files(files, tmp_path) != sampled  # files under 64 MiB are hashed whole
     assert fingerprint_files(files, tmp_path, mode="full") != full
+
+
+def test_plan_evaluates_every_model_then_reports(models, tmp_path):
+    from kobllla.evaluation import run_plan
+
+    plan = {"models": {"base": str(models["base"]), "other": str(models["other"])}, "tasks": ["truthfulqa_mc2"],
+            "data_dir": str(DATA), "limit": 1, "device": "cpu", "batch_size": 4, "results_dir": str(tmp_path / "res"),
+            "report_dir": str(tmp_path / "report"), "compare": {"other": "base"}, "gates": {"truthfulqa_mc2/acc": 1.0}}
+    comparison = run_plan(plan)
+    assert comparison.passed and [g.candidate for g in comparison.gates] == ["other"]
+    assert [h["label"] for h in load_history(tmp_path / "res")] == ["base", "other"]
+    assert (tmp_path / "report" / "comparison.json").is_file()
+
+
+def test_missing_local_files_of_a_suite_are_listed_in_one_error(models):
+    with pytest.raises(FileNotFoundError, match=r"12 of 15 tasks have no local data: kobest_hellaswag \(.*hellaswag/test\.jsonl\), kobest_sentineg"):
+        evaluate_model(models["base"], label="x", suites=["korean"], data_dir=DATA, device="cpu")

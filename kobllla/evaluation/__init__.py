@@ -16,6 +16,7 @@ Library use (what ``python -m eval.run`` / ``python -m eval.report`` call)::
 """
 
 from kobllla.evaluation._checkpoint import ModelRef, check_checkpoint_dir, resolve_model
+from kobllla.evaluation._plan import check_plan, load_plan, run_plan
 from kobllla.evaluation._perplexity import perplexity, perplexity_of_texts, read_heldout
 from kobllla.evaluation._report import (
     DEFAULT_GATES,
@@ -33,8 +34,8 @@ from kobllla.evaluation._tasks import KMMLU_KOREAN_SUBSET, SUITES, TASKS, TaskSp
 
 __all__ = [
     "DEFAULT_GATES", "KMMLU_KOREAN_SUBSET", "SUITES", "TASKS", "Comparison", "GateResult",
-    "IncomparableRunsError", "ModelRef", "TaskSpec", "check_checkpoint_dir", "compare_runs",
-    "evaluate_model", "latest_runs", "load_history", "load_run", "load_runs", "perplexity",
+    "IncomparableRunsError", "ModelRef", "TaskSpec", "check_checkpoint_dir", "check_plan", "compare_runs",
+    "evaluate_model", "latest_runs", "load_history", "load_plan", "load_run", "load_runs", "perplexity",
     "perplexity_of_texts", "read_heldout", "render_chart", "render_markdown", "resolve_model",
-    "resolve_tasks", "save_run", "write_report",
+    "resolve_tasks", "run_plan", "save_run", "write_report",
 ]

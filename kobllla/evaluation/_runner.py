@@ -21,7 +21,14 @@ import torch
 from kobllla.evaluation._checkpoint import fingerprint_files, resolve_model
 from kobllla.evaluation._perplexity import HELDOUT_VERSION, perplexity_of_texts, read_heldout
 from kobllla.evaluation._store import RUN_SCHEMA, check_label, new_run_id, save_run
-from kobllla.evaluation._tasks import TASKS, data_source, resolve_tasks, write_task_yamls
+from kobllla.evaluation._tasks import (
+    TASKS,
+    MissingLocalDataError,
+    data_source,
+    export_hint,
+    resolve_tasks,
+    write_task_yamls,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +178,7 @@ def evaluate_model(
         raise ValueError(f"unknown scorer {scorer!r}; choose hf or shared_prefix")
     names = resolve_tasks(suites=suites, tasks=tasks) if (suites or tasks or not heldout) else []
     ref = resolve_model(model, fingerprint=False)
-    sources = {name: data_source(TASKS[name], data_dir, num_fewshot) for name in names}
+    sources = _data_sources(names, data_dir, num_fewshot)
     docs, heldout_sources = _heldout_sources(heldout or {})
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
@@ -196,6 +203,26 @@ def evaluate_model(
     if results_dir is not None:
         record["path"] = str(save_run(record, Path(results_dir)))
     return record
+
+
+def _data_sources(names: list[str], data_dir: Path | None, num_fewshot: int | None) -> dict[str, dict]:
+    """Every task's data source; all missing local files are named in one error, not one per run."""
+    sources, missing = {}, []
+    for name in names:
+        try:
+            sources[name] = data_source(TASKS[name], data_dir, num_fewshot)
+        except MissingLocalDataError as exc:
+            missing.append(exc)
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        first = missing[0]
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(names)} tasks have no local data: "
+            f"{', '.join(f'{e.spec.name} ({e.path})' for e in missing)}; write each split in its hub dataset's "
+            f"schema, e.g. {export_hint(first.spec, first.split, first.path)}"
+        )
+    return sources
 
 
 def _run_lm_eval(spec: str, names: list[str], sources: dict[str, dict], *, device: str, dtype: str,

@@ -157,6 +157,22 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+class MissingLocalDataError(FileNotFoundError):
+    """A task's split has no file under ``--data-dir``; carries what the combined message needs."""
+
+    def __init__(self, spec: TaskSpec, split: str, path: Path) -> None:
+        self.spec, self.split, self.path = spec, split, path
+        super().__init__(
+            f"{spec.name}: no local {split} split at {path}; write it in the {spec.hub_path} "
+            f"({spec.hub_name}) schema, e.g. {export_hint(spec, split, path)}"
+        )
+
+
+def export_hint(spec: TaskSpec, split: str, path: Path) -> str:
+    """The one line that copies a hub split into the local layout (on a machine with network)."""
+    return f"datasets.load_dataset({spec.hub_path!r}, {spec.hub_name!r}, split={split!r}).to_json({str(path)!r})"
+
+
 def data_source(spec: TaskSpec, data_dir: Path | None, num_fewshot: int | None) -> dict:
     """Checks local files (if any) and describes where the task's data comes from.
 
@@ -165,7 +181,7 @@ def data_source(spec: TaskSpec, data_dir: Path | None, num_fewshot: int | None) 
         {split: {"path", "sha256", "rows"}}}``; the latter is part of what makes two runs comparable.
 
     Raises:
-        FileNotFoundError: the eval split (or the few-shot split when n-shot > 0) is missing.
+        MissingLocalDataError: the eval split (or the few-shot split when n-shot > 0) is missing.
         ValueError: a row does not match the task's schema.
     """
     if data_dir is None:
@@ -180,11 +196,7 @@ def data_source(spec: TaskSpec, data_dir: Path | None, num_fewshot: int | None) 
     for split in splits:
         path = spec.local_file(data_dir, split)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{spec.name}: no local {split} split at {path}; write it in the {spec.hub_path} "
-                f"({spec.hub_name}) schema, e.g. datasets.load_dataset({spec.hub_path!r}, "
-                f"{spec.hub_name!r}, split={split!r}).to_json({str(path)!r})"
-            )
+            raise MissingLocalDataError(spec, split, path)
         rows = validate_jsonl(path, SCHEMAS[spec.schema])
         files[split] = {"path": str(path.resolve()), "sha256": _file_sha256(path), "rows": rows}
     return {"source": "local", "files": files}

@@ -1,0 +1,43 @@
+"""Run a whole evaluation plan (eval/suites/*.yaml): evaluate every model, then report and gate.
+
+    python -m eval.plan eval/suites/kobllla_8b.yaml                  # every stage of the 8B recipe
+    python -m eval.plan eval/suites/kobllla_8b.yaml --report-only    # re-render from stored runs
+    # tiny CPU smoke plan on the repo's fixtures (~1 min):
+    python -m tools.make_tiny_model --out runs/eval-smoke/models/base --dtype float32
+    python -m tools.make_tiny_model --out runs/eval-smoke/models/instruct --flavor instruct --seed 1 --dtype float32
+    python -m eval.plan eval/suites/tiny_smoke.yaml
+
+Exit 0: gates pass; 1: a gate failed; 2: bad plan or input, or runs that cannot be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kobllla.evaluation import load_plan, run_plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("plan", type=Path, help="plan YAML (see eval/suites/)")
+    parser.add_argument("--report-only", action="store_true", help="skip evaluation; report from stored runs")
+    args = parser.parse_args(argv)
+    try:
+        plan = load_plan(args.plan)
+        comparison = run_plan(plan, evaluate=not args.report_only)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if comparison is None:
+        print(f"evaluated {len(plan['models'])} model(s) into {plan['results_dir']}; the plan compares nothing")
+        return 0
+    print((Path(plan["report_dir"]) / "report.md").read_text(encoding="utf-8"))
+    for gate in comparison.failures():
+        print(gate.message(), file=sys.stderr)
+    return 0 if comparison.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

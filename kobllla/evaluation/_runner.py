@@ -7,7 +7,6 @@ model is loaded once and also scores the held-out perplexity texts.
 
 from __future__ import annotations
 
-import logging
 import math
 import tempfile
 import time
@@ -30,7 +29,6 @@ from kobllla.evaluation._tasks import (
     write_task_yamls,
 )
 
-log = logging.getLogger(__name__)
 
 Device = Literal["auto", "cuda", "cpu"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]

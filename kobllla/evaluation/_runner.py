@@ -161,7 +161,7 @@ def evaluate_model(
         heldout_stride: scored tokens per perplexity window (None: disjoint windows).
         bootstrap_iters: lm_eval's bootstrap iterations for non-mean metrics' stderr.
         scorer: ``hf`` (lm_eval's HF model) or ``shared_prefix`` (all answers of a question scored
-            against one shared context; same log-likelihoods, ~4.6x fewer tokens on TruthfulQA MC2).
+            against one shared context; lm_eval's log-likelihoods with 5.4x fewer tokens on MC2).
         fingerprint: ``sampled`` (1 MiB of every 64 MiB block, ~1 s for 8B) or ``full`` (every byte).
         results_dir: where to store the record and append history (None: not stored).
 

@@ -6,7 +6,8 @@ questions x ~7.6 answers, a ~150-token context each, mostly the fixed 6-shot pre
 row: ``context[:-1]`` once, then per answer a branch ``[context[-1]] + answer[:-1]`` that attends
 to the shared context and to itself only (a 4-D boolean mask) at the positions it would have had
 alone. On MC2-shaped data (``python -m eval.bench_mc2``) that is 197,569 tokens instead of
-1,062,512 (5.4x fewer; 8.4 s instead of most of lm_eval's ~60 s on an H100, docs/benchmarks.md),
+1,062,512 (5.4x fewer; scored in 8.4 s on an H100, whole run 37-45 s vs 73-92 s for plain lm_eval:
+docs/benchmarks.md),
 and the logits come out for answer positions only. The log-likelihoods equal lm_eval's up to
 floating-point order; its ``softmax_dtype`` is honoured the same way.
 """

@@ -28,18 +28,19 @@ import json
 import logging
 import os
 import re
-import shutil
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from safetensors.torch import save_file
+
+# Re-exported: tools and tests import these from here; they live in the torch-free kobllla.atomic.
+from kobllla.atomic import atomic_output_dir, write_json  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -326,70 +327,6 @@ def _fsync_close(handle) -> None:
 def _entry_size(header: bytes, name: str) -> int:
     begin, end = json.loads(header[8:])[name]["data_offsets"]
     return end - begin
-
-
-def write_json(path: Path, obj: object) -> None:
-    """Writes JSON through a temporary file and a rename."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Removes ``.NAME.tmp-PID`` siblings left by killed runs (their PID no longer runs)."""
-    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.tmp-(\d+)$")
-    if not out_dir.parent.is_dir():
-        return
-    for entry in out_dir.parent.iterdir():
-        match = pattern.match(entry.name)
-        if match and entry.is_dir() and not _pid_alive(int(match.group(1))):
-            log.info("removing %s, left by a killed run", entry)
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-@contextmanager
-def atomic_output_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary sibling of ``out_dir``; renames it to ``out_dir`` on success.
-
-    On any exception the temporary directory is removed. Temporary siblings left by runs
-    that were killed (their process no longer exists) are removed first.
-
-    Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} already exists; pick another output or pass --overwrite to replace it"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        trash = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, trash)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 def sha256_file(path: Path, chunk_bytes: int = 8 * 2**20) -> str:

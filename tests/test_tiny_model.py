@@ -56,7 +56,7 @@ def test_8b_preset_has_metas_parameter_count():
 
 
 def test_bad_arguments_and_existing_output_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown preset 'huge'; choose one of \['llama3-8b', 'llama3.2-1b-untied', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"unknown preset 'huge'; choose one of \['llama3-8b', 'llama3.2-1b-untied', 'mini', 'tiny'\]"):
         make_model(tmp_path / "x", preset="huge")
     with pytest.raises(ValueError, match=r"unknown flavor 'chat'"):
         make_model(tmp_path / "x", flavor="chat")

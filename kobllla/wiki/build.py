@@ -20,14 +20,12 @@ import json
 import multiprocessing as mp
 import os
 import re
-import shutil
 import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import partial
 from importlib.metadata import version
@@ -39,6 +37,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import kobllla
+from kobllla.atomic import atomic_output_dir
 from kobllla.wiki.dump import DumpReader
 from kobllla.wiki.text import DEFAULT_DROP_SECTIONS, wikitext_to_text
 
@@ -48,33 +47,6 @@ MANIFEST = "manifest.json"
 PARQUET_SCHEMA = pa.schema([("id", pa.int64()), ("title", pa.string()), ("text", pa.string())])
 Format = Literal["parquet", "csv"]
 Article = tuple[int, str, str]  # page id, title, wikitext
-
-
-@contextmanager
-def _atomic_dir(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
-    """A hidden sibling renamed to ``out_dir`` on success, removed on failure.
-
-    Same contract as ``kobllla.checkpoint_io.atomic_output_dir``, which imports torch (+200 MB RSS
-    in the reader and every worker, +2 s start-up) that a text tool does not need.
-    """
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pick another --out or pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        trash = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, trash)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
 
 
 def split_of(page_id: int, *, dev_fraction: float, test_fraction: float) -> str:
@@ -235,7 +207,7 @@ def build_kowikitext(
     settings = _settings(fmt, min_chars, dev_fraction, test_fraction, tuple(drop_sections), workers)
     reader = DumpReader(dump)
     start = time.monotonic()
-    with _atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
+    with atomic_output_dir(Path(out_dir), overwrite=overwrite) as tmp:
         writers = {s: (_ParquetWriter if fmt == "parquet" else _CsvWriter)(tmp / f"{s}.{fmt}") for s in SPLITS}
         try:
             counts, splits = _run(reader, writers, settings, batch_size, progress)

@@ -1,0 +1,89 @@
+"""Atomic outputs, without importing torch (text tools and their workers use these too).
+
+An output directory is built in a hidden sibling ``.NAME.tmp-PID`` and renamed into place only
+when complete, so a killed job never leaves a directory that looks finished; siblings left by
+killed runs (their PID no longer runs) are removed by the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Writes JSON through a temporary file and a rename."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Removes ``.NAME.tmp-PID`` siblings left by killed runs (their PID no longer runs)."""
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.tmp-(\d+)$")
+    if not out_dir.parent.is_dir():
+        return
+    for entry in out_dir.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and entry.is_dir() and not pid_alive(int(match.group(1))):
+            log.info("removing %s, left by a killed run", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Renames the finished ``tmp`` to ``out_dir``, replacing an existing one only at the end."""
+    if out_dir.exists():
+        trash = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, trash)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+@contextmanager
+def atomic_output_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary sibling of ``out_dir``; renames it to ``out_dir`` on success.
+
+    On any exception the temporary directory is removed. Temporary siblings left by runs
+    that were killed (their process no longer exists) are removed first.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already exists; pick another output or pass --overwrite to replace it"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, out_dir)

@@ -311,11 +311,26 @@ def _chunks(
         yield rows, empty, texts
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def _init_worker(tokenizer_path: str, parent_pid: int | None = None) -> None:
+    """Loads the tokenizer; in a pool worker (``parent_pid`` given), dies with the parent."""
     global _TOKENIZER
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     from torchtune.models.llama3 import llama3_tokenizer
 
     _TOKENIZER = llama3_tokenizer(tokenizer_path)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A worker whose parent was SIGKILLed would otherwise wait on its task queue forever (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -354,7 +369,8 @@ def _tokenize_into(work: Path, state: dict, tokenizer_path: Path, *, source, dat
     pool = None
     if workers > 1:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(str(tokenizer_path),))
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(str(tokenizer_path), os.getpid()))
         pool.submit(int).result()  # start the workers before tqdm's monitor thread exists
     else:
         _init_worker(str(tokenizer_path))

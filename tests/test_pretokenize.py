@@ -4,9 +4,12 @@ exactly its windows and packs, a killed run resumes to the same bytes, bad input
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +214,48 @@ def test_interrupted_run_resumes_to_the_same_bytes(ko_tokens, ko_csv, tmp_path, 
     assert file_bytes(out) == file_bytes(ko_tokens)
     assert json.loads((out / pt.MANIFEST).read_text())["settings"]["resumed_at_row"] == 30
     assert not partial.exists()
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigkilled_cli_leaves_no_workers_and_resumes_to_the_same_bytes(tmp_path):
+    corpus = write_text_csv(tmp_path / "ko.csv", korean_documents(), repeat=30)  # ~1.1 M tokens
+    args = ["--source", str(corpus), "--tokenizer", str(TOKENIZER), "--out", str(tmp_path / "out"),
+            "--workers", "2", "--chunk-rows", "64", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "tools.pretokenize", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = tmp_path / ".out.partial" / pt.PROGRESS
+    workers: list[int] = []
+    while proc.poll() is None and not (progress.is_file() and json.loads(progress.read_text())["rows"] > 0):
+        workers = children_of(proc.pid) or workers
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    workers = children_of(proc.pid) or workers
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    orphans = [w for w in workers if Path(f"/proc/{w}").exists()]
+    for w in orphans:  # do not leave them behind when this fails
+        os.kill(w, signal.SIGKILL)
+    assert len(workers) == 2 and orphans == []
+    assert not (tmp_path / "out").exists()
+    assert pretokenize_main(args) == 0
+    resumed = json.loads((tmp_path / "out" / pt.MANIFEST).read_text())["settings"]["resumed_at_row"]
+    assert resumed > 0 and resumed % 64 == 0
+    assert file_bytes(tmp_path / "out") == file_bytes(build(tmp_path, corpus, "reference", workers=2))
 
 
 def test_partial_run_of_other_input_is_started_over(ko_csv, assets, tmp_path, monkeypatch):

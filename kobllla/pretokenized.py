@@ -20,6 +20,7 @@ throughput and start-up figures: docs/benchmarks.md, "Pre-tokenized corpora".
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -40,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 import kobllla
-from kobllla.checkpoint_io import sha256_file, write_json
+from kobllla.atomic import pid_alive, replace_dir, write_json
 from kobllla.datasets._sources import LOCAL_FORMATS, iter_rows, require_field
 
 KIND = "kobllla.pretokenized"
@@ -235,7 +236,7 @@ def _fingerprint(source: str, data_files, name, split: str, column: str, tokeniz
         inputs.append({"path": str(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
     return {
         "source": source, "name": name, "split": split, "column": column, "inputs": inputs,
-        "tokenizer": {"path": str(tokenizer_path.resolve()), "sha256": sha256_file(tokenizer_path)},
+        "tokenizer": {"path": str(tokenizer_path.resolve()), "sha256": hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()},
     }
 
 
@@ -246,7 +247,7 @@ def _resume_or_start(work: Path, fingerprint: dict) -> dict:
     owner = work / OWNER
     if owner.is_file():
         pid = int(owner.read_text() or 0)
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             raise RuntimeError(f"{work}: another pretokenize (pid {pid}) is writing this output; wait or stop it")
     progress = work / PROGRESS
     state = json.loads(progress.read_text(encoding="utf-8")) if progress.is_file() else None
@@ -271,16 +272,6 @@ def _truncate_to(work: Path, state: dict) -> bool:
         if not path.is_file() or path.stat().st_size < size:
             return False
         os.truncate(path, size)
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -442,13 +433,7 @@ def _commit(work: Path, out_dir: Path, manifest: dict) -> None:
     (work / OWNER).unlink()
     write_json(work / MANIFEST, manifest)
     _fsync_dir(work)
-    if out_dir.exists():
-        trash = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, trash)
-        os.replace(work, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(work, out_dir)
+    replace_dir(work, out_dir)
     _fsync_dir(out_dir.parent)
 
 

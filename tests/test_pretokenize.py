@@ -268,6 +268,15 @@ def test_partial_run_of_other_input_is_started_over(ko_csv, assets, tmp_path, mo
     assert manifest["settings"]["resumed_at_row"] == 0 and manifest["counts"]["rows"] == 5
 
 
+def test_a_second_writer_of_the_same_output_is_refused(assets, tmp_path):
+    partial = tmp_path / ".out.partial"
+    partial.mkdir()
+    (partial / pt.OWNER).write_text(str(os.getppid()))  # a live process that is not this one
+    with pytest.raises(RuntimeError, match=rf"another pretokenize \(pid {os.getppid()}\) is writing this output"):
+        build(tmp_path, assets / "kowiki_tiny.csv")
+    assert sorted(p.name for p in partial.iterdir()) == [pt.OWNER]
+
+
 def test_existing_output_is_refused_unless_overwrite(ko_csv, assets, tmp_path):
     out = build(tmp_path, assets / "kowiki_tiny.csv")
     with pytest.raises(FileExistsError, match="already exists; pick another --out or pass --overwrite"):

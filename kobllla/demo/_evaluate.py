@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kobllla.demo._data import DemoData
-from kobllla.demo._pipeline import StageRecord, run_stage
+from kobllla.demo._pipeline import Chain, StageRecord
 from kobllla.demo._qa import answer_loss, read_pairs
 
 # Rows of the seed's table: label, the seed's name for it, and the model it is compared with.
@@ -36,7 +36,7 @@ def _metric(record: dict, key: str) -> float:
     return record["tasks"][task]["metrics"][metric]["value"]
 
 
-def evaluate_models(run_dir: Path, checkpoints: dict[str, Path], data: DemoData, *, force: bool) -> StageRecord:
+def evaluate_models(chain: Chain, checkpoints: dict[str, Path], data: DemoData) -> StageRecord:
     """Scores each checkpoint once (lm_eval MC2, held-out perplexity, Q/A answer loss)."""
     from kobllla.evaluation import evaluate_model
 
@@ -54,7 +54,7 @@ def evaluate_models(run_dir: Path, checkpoints: dict[str, Path], data: DemoData,
                 MC2: _metric(record, MC2), QA: qa["answer_nll"], "qa_tokens": qa["tokens"],
             }
 
-    return run_stage(run_dir, "eval", "Evaluate every model on the same held-out data", body, force=force)
+    return chain.stage("eval", "Evaluate every model on the same held-out data", body)
 
 
 def method_checks(scores: dict[str, dict]) -> list[Check]:

@@ -51,6 +51,19 @@ class StageFailed(RuntimeError):
     """A stage's command exited non-zero; the message names its log."""
 
 
+class Chain:
+    """Stages in order: once one runs, every later stage runs again (its inputs changed)."""
+
+    def __init__(self, run_dir: Path, *, force: bool) -> None:
+        self.run_dir = run_dir
+        self.force = force
+
+    def stage(self, name: str, what: str, body: Callable[[Path, StageRecord], None]) -> StageRecord:
+        record = run_stage(self.run_dir, name, what, body, force=self.force)
+        self.force = self.force or not record.reused
+        return record
+
+
 def run_stage(run_dir: Path, name: str, what: str, body: Callable[[Path, StageRecord], None], *, force: bool) -> StageRecord:
     """Runs ``body(out_dir, record)`` unless a finished output exists; writes the marker last."""
     out = run_dir / name

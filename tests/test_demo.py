@@ -55,4 +55,5 @@ def test_a_rerun_reuses_finished_stages_and_redoes_an_unfinished_one_and_all_aft
     reused = {s["name"]: s["reused"] for s in summary["stages"]}
     assert reused == {"data": True, "init": True, "base": True, "instruct": True, "stage1": True,
                       "chat_vector": True, "stage3": False, "eval": False}
-    assert again.scores["base"] == first.scores["base"]
+    same = lambda scores: {k: v for k, v in scores.items() if k != "record"}  # noqa: E731
+    assert same(again.scores["base"]) == same(first.scores["base"])  # base untouched, scored the same

@@ -46,7 +46,7 @@ def evaluate_models(chain: Chain, checkpoints: dict[str, Path], data: DemoData) 
             record = evaluate_model(
                 checkpoints[label], label=label, tasks=["truthfulqa_mc2"], data_dir=data.eval_dir,
                 heldout={"ko": data.ko_heldout, "en": data.en_heldout}, device="cpu", scorer="shared_prefix",
-                max_length=1024, results_dir=out / "runs",
+                max_length=1024, results_dir=out,
             )
             qa = answer_loss(checkpoints[label], pairs)
             rec.info[label] = {
@@ -86,7 +86,7 @@ def gate(run_dir: Path, out: Path) -> tuple[bool, list[str]]:
     """
     from kobllla.evaluation import compare_runs, load_runs, write_report
 
-    runs = load_runs([run_dir / "eval" / "runs"])
+    runs = load_runs([run_dir / "eval"])
     pairs = [(label, baseline) for label, _, baseline in MODELS if baseline]
     comparison = compare_runs(runs, pairs=pairs)
     write_report(comparison, out, runs)

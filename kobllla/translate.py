@@ -39,6 +39,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import kobllla
+from kobllla.jsonl import iter_jsonl
 
 PROMPT_VERSION = "kolima-v1"
 SYSTEM_PROMPT = """You translate conversations between a user and an AI assistant from English into modern, natural Korean.
@@ -249,12 +250,8 @@ def _read_rows(path: Path) -> Iterator[dict]:
     if path.suffix == ".json" and text.lstrip().startswith("["):
         yield from json.loads(text)
         return
-    for n, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {n}: not valid JSON ({exc.msg}); fix or remove that line") from None
+    for _, row in iter_jsonl(path):
+        yield row
 
 
 def _conversation(path: Path, i: int, row: object, field: str, system_field: str) -> Conversation:

@@ -123,9 +123,9 @@ def test_a_row_breaking_the_schema_names_file_row_and_field(tmp_path, schema, ro
 
 
 def test_a_line_that_is_not_json_or_not_an_object_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"test\.jsonl row 1: not valid JSON \(Expecting .*\); write one JSON object per line"):
+    with pytest.raises(ValueError, match=r"test\.jsonl line 1: not valid JSON \(Expecting .*\); write one JSON object per line"):
         validate_jsonl(_write(tmp_path, ["{'paragraph': 'p'}"]), SCHEMAS["kobest_boolq"])
-    with pytest.raises(ValueError, match=r"test\.jsonl row 1: expected a JSON object, got list"):
+    with pytest.raises(ValueError, match=r"test\.jsonl line 1: expected a JSON object, got list"):
         validate_jsonl(_write(tmp_path, ["[1, 2]"]), SCHEMAS["kobest_boolq"])
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kobllla.jsonl import iter_jsonl
+
 Row = dict[str, Any]
 LOCAL_FORMATS = ("csv", "json", "jsonl", "parquet")
 _SUFFIX_FORMAT = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -53,17 +55,8 @@ def _iter_csv(path: Path) -> Iterator[Row]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {line_no}: not valid JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path} line {line_no}: expected a JSON object per line, found {type(obj).__name__}")
-            yield obj
+    for _, obj in iter_jsonl(path):
+        yield obj
 
 
 def _iter_json(path: Path) -> Iterator[Row]:

@@ -12,11 +12,12 @@ them) and bits per UTF-8 byte (comparable across tokenizers).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
+
+from kobllla.jsonl import iter_jsonl
 
 HELDOUT_VERSION = "kobllla-heldout/1"  # bump when the scoring above changes
 
@@ -49,14 +50,8 @@ def read_heldout(source: Path | list[str]) -> list[str]:
 
 def _read_jsonl_texts(path: Path) -> list[str]:
     docs = []
-    for row_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} row {row_no}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+    for row_no, row in iter_jsonl(path):
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
             raise ValueError(f"{path} row {row_no}: field 'text' must be a non-empty string")
         docs.append(row["text"])
     return docs

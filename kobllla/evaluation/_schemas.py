@@ -6,9 +6,10 @@ A malformed local file must fail here with its file, row and field named, not de
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
+
+from kobllla.jsonl import iter_jsonl
 
 Row = dict
 Check = Callable[[Row], str | None]  # returns a problem description, or None when the row is fine
@@ -97,21 +98,12 @@ def validate_jsonl(path: Path, checks: list[Check]) -> int:
             or the file has no rows.
     """
     n_rows = 0
-    with open(path, encoding="utf-8") as handle:
-        for row_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} row {row_no}: not valid JSON ({exc.msg}); write one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path} row {row_no}: expected a JSON object, got {type(row).__name__}")
-            for check in checks:
-                problem = check(row)
-                if problem:
-                    raise ValueError(f"{path} row {row_no}: {problem}; fix the row to match the dataset's schema")
-            n_rows += 1
+    for row_no, row in iter_jsonl(path):
+        for check in checks:
+            problem = check(row)
+            if problem:
+                raise ValueError(f"{path} row {row_no}: {problem}; fix the row to match the dataset's schema")
+        n_rows += 1
     if n_rows == 0:
         raise ValueError(f"{path} has no rows; write one JSON object per line")
     return n_rows

@@ -1,0 +1,28 @@
+"""JSON Lines reading with one-line errors (file and line named); no heavy imports."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSON Lines file.
+
+    Raises:
+        ValueError: a line is not valid JSON or not a JSON object (file and line named).
+    """
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{path} line {line_no}: not valid JSON ({exc.msg}); write one JSON object per line"
+                ) from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path} line {line_no}: expected a JSON object, got {type(obj).__name__}")
+            yield line_no, obj

@@ -13,7 +13,7 @@ import os
 import unicodedata
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,7 +42,6 @@ class CorpusStats:
     skipped_by_filter: int = 0
     tokens: int = 0
     samples: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class TokenCorpus:

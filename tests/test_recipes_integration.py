@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from kobllla.corpora import constitution_articles, write_text_csv
+from kobllla.demo._pipeline import logged_losses as demo_logged_losses
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -46,11 +47,7 @@ def wait_ok(proc: subprocess.Popen, log: Path, timeout: float = 420) -> None:
 
 def logged_losses(output_dir: Path) -> dict[int, float]:
     """Step -> loss from torchtune's DiskLogger files (a resumed run appends a new file)."""
-    losses = {}
-    for f in sorted((output_dir / "logs").glob("*.txt")):
-        for m in re.finditer(r"Step (\d+) \| loss:([0-9.]+)", f.read_text()):
-            losses[int(m.group(1))] = float(m.group(2))
-    return losses
+    return dict(demo_logged_losses(output_dir))
 
 
 def torchtune_logits(ckpt_dir: Path, files: list[str], tokens: torch.Tensor) -> torch.Tensor:

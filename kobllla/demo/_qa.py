@@ -7,20 +7,19 @@ given it: the instruction-following signal the chat vector is meant to carry.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
+from kobllla.jsonl import iter_jsonl
+
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
     """First user/assistant exchange of each LIMA-shaped row."""
     pairs = []
-    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        turns = json.loads(line).get("conversations")
+    for line_no, row in iter_jsonl(Path(path)):
+        turns = row.get("conversations")
         if not isinstance(turns, list) or len(turns) < 2:
             raise ValueError(f"{path} line {line_no}: expected 'conversations' with a question and an answer")
         pairs.append((turns[0], turns[1]))

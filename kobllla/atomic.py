@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +24,26 @@ def write_json(path: Path, obj: object) -> None:
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def refuse_output_over_inputs(out: Path, inputs: Iterable[Path | None]) -> None:
+    """Refuses an output that is an input, lies inside an input directory, or would replace one.
+
+    Inputs are never modified: writing ``--out X --input X`` (or an output directory that holds an
+    input) would destroy the input when the finished output is renamed into place.
+
+    Raises:
+        ValueError: naming both paths and the fix.
+    """
+    out_r = Path(out).resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        inp_r = Path(inp).resolve()
+        same = out_r == inp_r or (out_r.exists() and inp_r.exists() and os.path.samefile(out_r, inp_r))
+        if same or inp_r in out_r.parents or out_r in inp_r.parents:
+            raise ValueError(f"output {out} would overwrite or replace input {inp}; inputs are never "
+                             "modified: pick an output path outside every input")
 
 
 def pid_alive(pid: int) -> bool:

@@ -25,20 +25,8 @@ from typing import Literal
 import torch
 
 from kobllla.assets import llama3_tokenizer_json_path, llama3_tokenizer_model_path
+from kobllla.chat_format import BOS_ID, END_OF_TEXT_ID, EOT_ID, LLAMA3_CHAT_TEMPLATE
 from kobllla.checkpoint_io import ShardedSafetensorsWriter, atomic_output_dir, write_json
-
-BOS_ID = 128000
-END_OF_TEXT_ID = 128001
-EOT_ID = 128009
-
-LLAMA3_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
 
 Flavor = Literal["base", "instruct"]
 

@@ -1,0 +1,71 @@
+"""The one CLI pattern every ``tools/*.py`` and ``eval/*.py`` follows.
+
+    from kobllla.cli import make_parser, run
+
+    def main(argv: list[str] | None = None) -> int:
+        args = make_parser(__doc__, prog="python -m tools.x").parse_args(argv)  # + add_argument calls
+        return run(lambda: _work(args))
+
+``make_parser`` takes the whole module docstring (its first line is the description, the rest,
+with its example commands, is shown after the flags in ``--help``). ``run`` turns a user error
+into one line ``error: ...`` on stderr and exit status 2, never a traceback; any other exception
+is a bug and propagates. Messages are capped so an echoed value (a whole file, a huge row) can
+never flood the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """An error the user can fix (bad input, a missing file, a refused output); exit status 2."""
+
+
+# What counts as the user's error: bad values, missing or unreadable paths, a refused output.
+# OSError covers FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, OSError)
+
+MAX_MESSAGE_CHARS = 2000
+
+
+def cap(value: object, limit: int = 200) -> str:
+    """``str(value)`` shortened to ``limit`` characters (with how much was cut) for error messages."""
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
+
+def one_line(message: object) -> str:
+    """A message as one capped line: newlines folded, at most ``MAX_MESSAGE_CHARS`` characters."""
+    text = " ".join(str(message).split())
+    return cap(text, MAX_MESSAGE_CHARS)
+
+
+def make_parser(doc: str | None, *, prog: str) -> argparse.ArgumentParser:
+    """An argparse parser whose description is ``doc``'s first line and epilog the rest of it."""
+    doc = (doc or "").strip("\n")
+    first, _, rest = doc.partition("\n")
+    return argparse.ArgumentParser(prog=prog, description=first.strip(), epilog=rest.strip("\n") or None,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def error_exit(exc: BaseException, code: int = 2) -> int:
+    """Prints ``error: <one line>`` to stderr and returns ``code``."""
+    print(f"error: {one_line(exc)}", file=sys.stderr)
+    return code
+
+
+def run(work: Callable[[], int | None], *, errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
+    """Calls ``work``; a user error becomes one stderr line and exit 2, Ctrl-C exit 130."""
+    try:
+        code = work()
+    except errors as exc:
+        return error_exit(exc)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0 if code is None else code

@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 
 from kobllla import __version__
+from kobllla.chat_format import write_chat_stop_tokens
 from kobllla.checkpoint_io import (
     Checkpoint,
     SequentialHasher,
@@ -722,6 +723,9 @@ def _merge_into(out: Path, *, cks: dict[str, Checkpoint], vshapes: dict[str, tup
         files = copy_model_files(tmp, target=cks["target"].path, chat=chat_dir,
                                  out_dtype=out_dtypes[0] if len(out_dtypes) == 1 else None,
                                  vocab_rows=embed.shape[0] if embed is not None else None)
+        # The result is a chat model whatever the instruct checkpoint's eos said: Meta's stop settings.
+        for rel in write_chat_stop_tokens(tmp):
+            files[rel] = files.get(rel, "target") + " (eos set to <|eot_id|>, kobllla.chat_format)"
         return {"tool": "kobllla.chat_vector", "operation": operation, "formula": FORMULA,
                 "ratio": ratio, "dtype": dtype, "output_dtypes": out_dtypes,
                 "embeddings": {"policy": embeddings, "tensors": emb_notes},

@@ -11,10 +11,10 @@ lacks. Torch-free (text tools import it).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kobllla.atomic import write_json
+from kobllla.jsonl import read_json
 
 BOS_ID = 128000
 END_OF_TEXT_ID = 128001
@@ -36,21 +36,12 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
-def _load(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
-
-
 def stop_token_ids(model_dir: Path) -> list[int]:
     """Ids of ``<|eot_id|>`` and ``<|end_of_text|>`` in the directory's ``tokenizer.json``.
 
     Falls back to Llama 3's ids (128009, 128001) when the file does not name them.
     """
-    tok = _load(Path(model_dir) / "tokenizer.json") or {}
+    tok = read_json(Path(model_dir) / "tokenizer.json") or {}
     ids = {t.get("content"): t.get("id") for t in tok.get("added_tokens", [])}
     default = {EOT: EOT_ID, END_OF_TEXT: END_OF_TEXT_ID}
     return [int(ids.get(name, default[name])) for name in STOP_TOKENS]
@@ -68,17 +59,17 @@ def write_chat_stop_tokens(model_dir: Path) -> list[str]:
     eot_id, eos_id = stop_token_ids(model_dir)
     changed = []
     for rel in ("tokenizer_config.json", "special_tokens_map.json"):
-        data = _load(model_dir / rel)
+        data = read_json(model_dir / rel)
         if data is not None and data.get("eos_token") != EOT:
             data["eos_token"] = EOT
             write_json(model_dir / rel, data)
             changed.append(rel)
-    cfg = _load(model_dir / "config.json")
+    cfg = read_json(model_dir / "config.json")
     if cfg is not None and cfg.get("eos_token_id") != eot_id:
         cfg["eos_token_id"] = eot_id
         write_json(model_dir / "config.json", cfg)
         changed.append("config.json")
-    gen = _load(model_dir / "generation_config.json")
+    gen = read_json(model_dir / "generation_config.json")
     want = [eos_id, eot_id]
     if gen is None or gen.get("eos_token_id") != want:
         gen = dict(gen or {"bos_token_id": BOS_ID})
@@ -93,10 +84,10 @@ def chat_stop_token_problems(model_dir: Path) -> list[str]:
     model_dir = Path(model_dir)
     eot_id, eos_id = stop_token_ids(model_dir)
     problems = []
-    tcfg = _load(model_dir / "tokenizer_config.json")
+    tcfg = read_json(model_dir / "tokenizer_config.json")
     if tcfg is not None and tcfg.get("eos_token") != EOT:
         problems.append(f"tokenizer_config.json eos_token is {tcfg.get('eos_token')!r}, not {EOT!r}")
-    gen = _load(model_dir / "generation_config.json")
+    gen = read_json(model_dir / "generation_config.json")
     gen_eos = None if gen is None else gen.get("eos_token_id")
     gen_ids = set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     if gen is None:

@@ -26,3 +26,18 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise ValueError(f"{path} line {line_no}: expected a JSON object, got {type(obj).__name__}")
             yield line_no, obj
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's object, or None when the file does not exist.
+
+    Raises:
+        ValueError: the file is not valid JSON (file and line named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}); fix or re-download it") from None

@@ -285,10 +285,15 @@ def test_missing_local_split_says_where_it_is_expected_and_how_to_write_it(model
 
 def test_write_report_library_call_matches_the_cli_output(results, tmp_path):
     runs = load_runs([results])
-    comparison = compare_runs(runs, pairs=[("other", "base")], gates={"truthfulqa_mc2/acc": 1.0})
-    paths = write_report(comparison, tmp_path, runs)
-    assert comparison.passed
-    assert json.loads(paths["manifest"].read_text())["gates"][0]["metric"] == "truthfulqa_mc2/acc"
+    comparison = compare_runs(runs, pairs=[("other", "base")], gates={"truthfulqa_mc2/acc": 0.01})
+    paths = write_report(comparison, tmp_path / "lib", runs)
+    rc = report_cli.main([str(results), "--pair", "other=base", "--gate", "truthfulqa_mc2/acc=0.01",
+                          "--out", str(tmp_path / "cli")])
+    gate = comparison.gates[0]
+    assert comparison.passed == (gate.candidate_value - gate.baseline_value >= -0.01 - 1e-9)
+    assert rc == (0 if comparison.passed else 1)
+    assert (tmp_path / "cli" / "report.md").read_text() == paths["markdown"].read_text()
+    assert json.loads((tmp_path / "cli" / "comparison.json").read_text()) == json.loads(paths["manifest"].read_text())
 
 
 def test_shared_prefix_scorer_gives_lm_evals_scores_on_every_fixture_task(models, results, tmp_path):

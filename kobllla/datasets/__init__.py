@@ -4,6 +4,7 @@
 - :func:`kolima_dataset`: stage 3, KoLIMA chat (LIMA rows or the seed's ``[sep]`` CSV).
 - :func:`bilima_dataset`: stage 3, bilingual LIMA (``en_ko`` / ``ko_en``).
 - :func:`pretokenized_dataset`: stage 1 at scale, windows read from a ``tools.pretokenize`` file.
+- :func:`parallel_dataset`: translation SFT from sentence pairs (Moses files or a two-column table).
 - :func:`mixed_dataset`: several datasets interleaved at fixed ratios (English replay, en + zh alpaca).
 """
 
@@ -11,6 +12,7 @@ from kobllla.datasets._bilima import bilima_dataset
 from kobllla.datasets._chat import ChatDataset, kolima_dataset
 from kobllla.datasets._ko_wiki import PackedTextDataset, TextWindowDataset, kowikitext_dataset
 from kobllla.datasets._mixed import MixedDataset, mixed_dataset
+from kobllla.datasets._parallel import parallel_dataset
 from kobllla.datasets._pretokenized import pretokenized_dataset
 
 __all__ = [
@@ -22,5 +24,6 @@ __all__ = [
     "kolima_dataset",
     "kowikitext_dataset",
     "mixed_dataset",
+    "parallel_dataset",
     "pretokenized_dataset",
 ]

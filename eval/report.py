@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from kobllla.cli import make_parser, run
 from kobllla.evaluation import compare_runs, load_runs, write_report
 
 
@@ -37,7 +38,7 @@ def _gate_arg(text: str) -> tuple[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__, prog="python -m eval.report")
     parser.add_argument("runs", nargs="+", type=Path, help="run record files or results dirs")
     parser.add_argument("--pair", action="append", type=_pair_arg, default=[], metavar="CANDIDATE=BASELINE")
     parser.add_argument("--baseline", help="compare every other run with this label (when no --pair)")
@@ -46,21 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", action="append", help="table column TASK/METRIC (default: gated + main metrics)")
     parser.add_argument("--out", type=Path, required=True, help="report.md, report.png, comparison.json go here")
     args = parser.parse_args(argv)
-    try:
-        runs = load_runs(args.runs)
-        pairs = args.pair or _pairs_against(runs, args.baseline)
-        gates = dict(args.gate) if args.gate else None
-        comparison = compare_runs(runs, pairs=pairs, gates=gates, metrics=args.metric)
-        paths = write_report(comparison, args.out, runs)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run(lambda: _work(args))
+
+
+def _work(args) -> int:
+    runs = load_runs(args.runs)
+    pairs = args.pair or _pairs_against(runs, args.baseline)
+    gates = dict(args.gate) if args.gate else None
+    comparison = compare_runs(runs, pairs=pairs, gates=gates, metrics=args.metric)
+    paths = write_report(comparison, args.out, runs)
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"wrote {paths['markdown']}, {paths['chart']}, {paths['manifest']}")
     for gate in comparison.failures():
         print(gate.message(), file=sys.stderr)
     return 0 if comparison.passed else 1
-
 
 def _pairs_against(runs: dict[str, dict], baseline: str | None) -> list[tuple[str, str]]:
     baseline = baseline or next(iter(runs))

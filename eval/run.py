@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from kobllla.cli import make_parser, run
 from kobllla.evaluation import SUITES, evaluate_model
 
 
@@ -53,7 +54,7 @@ def _limit_arg(text: str) -> int | float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__, prog="python -m eval.run")
     parser.add_argument("--model", action="append", type=_model_arg, required=True, metavar="[LABEL=]PATH_OR_HUB_ID",
                         help="checkpoint to evaluate (repeatable); LABEL names it in reports (default: dir name)")
     parser.add_argument("--suite", action="append", default=[], help=f"suite to run (repeatable): {', '.join(SUITES)}")
@@ -73,23 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fingerprint", default="sampled", choices=["sampled", "full"],
                         help="checkpoint hash: sampled (1 MiB per 64 MiB block, default) or full (every byte)")
     args = parser.parse_args(argv)
+    return run(lambda: _work(args))
+
+
+def _work(args) -> None:
     for label, spec in args.model:
-        try:
-            record = evaluate_model(
-                spec, label=label, suites=args.suite, tasks=args.task, data_dir=args.data_dir,
-                heldout=dict(args.heldout), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                limit=args.limit, num_fewshot=args.num_fewshot, max_length=args.max_length,
-                scorer=args.scorer, fingerprint=args.fingerprint, results_dir=args.results_dir,
-            )
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        record = evaluate_model(
+            spec, label=label, suites=args.suite, tasks=args.task, data_dir=args.data_dir,
+            heldout=dict(args.heldout), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+            limit=args.limit, num_fewshot=args.num_fewshot, max_length=args.max_length,
+            scorer=args.scorer, fingerprint=args.fingerprint, results_dir=args.results_dir,
+        )
         print(f"{label}: wrote {record['path']}")
         for task, entry in record["tasks"].items():
             scores = ", ".join(f"{m} {e['value']:.4f}" for m, e in entry["metrics"].items() if e["value"] is not None)
-            print(f"  {task} (version {entry['version']}, {entry['n_shot']}-shot, n={entry['n_samples']['effective']}): {scores}")
-    return 0
-
+            print(f"  {task} (version {entry['version']}, {entry['n_shot']}-shot, "
+                  f"n={entry['n_samples']['effective']}): {scores}")
 
 if __name__ == "__main__":
     sys.exit(main())

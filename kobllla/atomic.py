@@ -19,11 +19,19 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Writes UTF-8 text through a temporary sibling and a rename: readers see the old file or the new one."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, obj: object) -> None:
     """Writes JSON through a temporary file and a rename."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def refuse_output_over_inputs(out: Path, inputs: Iterable[Path | None]) -> None:

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from kobllla.atomic import refuse_output_over_inputs
+
 _ARTICLE = re.compile(r"^\s*(제\d+조(?:의\d+)?)\s", re.MULTILINE)
 
 
@@ -30,7 +32,9 @@ def _konlpy_corpus_dir() -> Path:
     try:
         import konlpy
     except ImportError as exc:
-        raise ImportError("the Korean demo corpus ships in konlpy: pip install 'kobllla[demo]' (konlpy==0.6.0)") from exc
+        raise ImportError(
+            "the Korean demo corpus ships in konlpy: pip install 'kobllla[demo]' (konlpy==0.6.0)"
+        ) from exc
     return Path(konlpy.__file__).parent / "data" / "corpus"
 
 
@@ -38,7 +42,7 @@ def constitution_articles() -> list[Document]:
     """The Constitution's preamble and each article (제1조 ... 부칙), one document each."""
     text = (_konlpy_corpus_dir() / "kolaw" / "constitution.txt").read_text(encoding="utf-8")
     starts = [m.start() for m in _ARTICLE.finditer(text)]
-    pieces = [text[: starts[0]], *(text[a:b] for a, b in zip(starts, starts[1:] + [len(text)]))]
+    pieces = [text[: starts[0]], *(text[a:b] for a, b in zip(starts, starts[1:] + [len(text)], strict=True))]
     docs = []
     for i, piece in enumerate(pieces):
         lines = [ln.strip() for ln in piece.splitlines() if ln.strip()]
@@ -92,6 +96,38 @@ def write_text_csv(path: Path, docs: list[Document], *, repeat: int = 1) -> Path
             writer.writerows([d.text] for d in docs)
     tmp.replace(path)
     return path
+
+
+CORPUS_FILES = ("ko_train.csv", "ko_heldout.csv", "en_train.csv", "en_heldout.csv")
+
+
+def write_demo_corpora(
+    out_dir: Path, *, heldout_every: int = 10, overwrite: bool = False
+) -> dict[str, tuple[int, int]]:
+    """Writes ``ko_{train,heldout}.csv`` and ``en_{train,heldout}.csv`` into ``out_dir``.
+
+    Returns:
+        dict: language -> (train documents, held-out documents).
+
+    Raises:
+        FileExistsError: one of the four files exists (perhaps edited by hand) and not ``overwrite``.
+        ValueError: ``heldout_every`` below 2, or ``out_dir`` inside konlpy's corpus (an input).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file; pass a directory for the four CSV files")
+    existing = [name for name in CORPUS_FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pick another --out or pass "
+                              "--overwrite to replace them")
+    refuse_output_over_inputs(out_dir, [_konlpy_corpus_dir()])
+    counts = {}
+    for lang, docs in (("ko", korean_documents()), ("en", english_documents())):
+        train, held = split_heldout(docs, every=heldout_every)
+        write_text_csv(out_dir / f"{lang}_train.csv", train)
+        write_text_csv(out_dir / f"{lang}_heldout.csv", held)
+        counts[lang] = (len(train), len(held))
+    return counts
 
 
 def _first_paragraph(text: str) -> tuple[str, str]:

@@ -10,10 +10,13 @@ from pathlib import Path
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for every non-blank line of a JSON Lines file.
 
+    Line numbers are 1-based physical lines (blank lines counted), as an editor shows them; a
+    UTF-8 byte-order mark and CRLF line ends are accepted.
+
     Raises:
         ValueError: a line is not valid JSON or not a JSON object (file and line named).
     """
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

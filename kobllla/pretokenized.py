@@ -41,7 +41,8 @@ import numpy as np
 from tqdm import tqdm
 
 import kobllla
-from kobllla.atomic import pid_alive, replace_dir, write_json
+from kobllla.atomic import pid_alive, refuse_output_over_inputs, replace_dir, write_json
+from kobllla.cli import cap
 from kobllla.datasets._sources import LOCAL_FORMATS, iter_rows, require_field
 
 KIND = "kobllla.pretokenized"
@@ -168,10 +169,14 @@ def pretokenize(
     Raises:
         FileNotFoundError: no tokenizer file or input file.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-        ValueError: bad settings, a missing column, a non-text field, or no text at all.
+        ValueError: bad settings, an output over an input, a missing column, a non-text field, or
+            no text at all.
         RuntimeError: a worker died, or another process is writing the same output.
     """
     out_dir = Path(out_dir).expanduser()
+    files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files or [])
+    inputs = [Path(tokenizer_path), *map(Path, files), *([Path(source)] if Path(source).exists() else [])]
+    refuse_output_over_inputs(out_dir, inputs)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pick another --out or pass --overwrite to replace it")
     workers = _default_workers() if workers is None else workers
@@ -216,7 +221,10 @@ def _load_tokenizer(path: Path):
     try:
         return llama3_tokenizer(str(path))
     except Exception as exc:  # tiktoken raises several types for a file that is not BPE ranks
-        raise ValueError(f"{path}: not a Llama 3 tiktoken tokenizer.model ({type(exc).__name__}: {exc})") from None
+        raise ValueError(  # the error can quote the whole file (a tokenizer.json is 9 MB): capped
+            f"{path}: not a Llama 3 tiktoken tokenizer.model ({type(exc).__name__}: {cap(exc, 120)}); pass "
+            "<model dir>/original/tokenizer.model, not tokenizer.json"
+        ) from None
 
 
 def _fingerprint(source: str, data_files, name, split: str, column: str, tokenizer_path: Path) -> dict:

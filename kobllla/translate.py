@@ -1,17 +1,26 @@
-"""Translate LIMA-style chat rows into KoLIMA through any OpenAI-compatible chat-completions endpoint.
+"""Translate (or restyle) LIMA-style chat rows through any OpenAI-compatible chat-completions endpoint.
 
 One request per conversation: the turns go out between marker lines (``<<<USER 1>>>``,
 ``<<<ASSISTANT 2>>>``) and must come back with the same markers, so turn counts always match
-the English rows (what ``bilima_dataset`` pairs row by row). User turns come back in banmal,
-assistant turns in jondaetmal; code fences and URLs are checked to survive verbatim.
+the English rows (what ``bilima_dataset`` pairs row by row). By default user turns come back in
+banmal and assistant turns in jondaetmal (KoLIMA); ``instructions`` replaces the translation
+rules with your own (a style, another language), keeping the marker protocol. Code fences and
+URLs are checked to survive verbatim; ``speech_levels`` also checks each Korean turn's speech
+level (Kiwi) and retries a reply in the wrong one.
 
-Robustness: ``concurrency`` requests in flight; 429, 5xx, timeouts, dropped connections and
-malformed replies are retried with exponential backoff (``Retry-After`` honoured); every
-finished row is appended to a cache (JSON lines, fsync'd) keyed by the hash of its input, model
-and prompt, so a rerun or a resume after a kill sends only the rows not done yet. The output is
-written once, in input order, through a temporary file; rows that still fail go to
-``OUT.errors.jsonl`` (row, reason) and no output is written unless ``allow_partial``. A refused
-API key stops the run at once. The key is read from an environment variable and never logged.
+Every row is validated before the first request with the code ``kolima_dataset`` uses
+(:mod:`kobllla.conversations`): rows the dataset builders would refuse are listed (file, line,
+field) and nothing is sent, unless ``skip_invalid``. Rows are named by their 1-based physical
+line in a JSON Lines file (``lima.jsonl line 12``), as every other kobllla message names them.
+
+Robustness (the HTTP side is :mod:`kobllla.chat_api`): ``concurrency`` requests in flight;
+transient failures retried with backoff; failures that cannot change on retry (no scheme in the
+URL, nothing listening, 401/403/404) stop the run at once; a dead endpoint stops it after
+``give_up_after_s``. Every finished row is appended to a cache (JSON lines, fsync'd) keyed by the
+hash of its input, model and prompt, so a rerun or a resume after a kill sends only the rows not
+done yet. A row that still fails is appended to ``OUT.errors.jsonl`` when it fails; the output
+is written once, in input order, through a temporary file, and not at all while rows fail
+unless ``allow_partial``. The key is read from an environment variable and never logged.
 
 LIMA (GAIR/lima train.jsonl, 1,030 rows, ~2.9 M characters) is ~1,030 requests: at 8 in flight
 and ~20 s a reply from a hosted model, about 45 minutes.
@@ -20,70 +29,107 @@ and ~20 s a reply from a hosted model, about 45 minutes.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
-import random
+import queue
 import re
-import socket
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm import tqdm
 
 import kobllla
-from kobllla.jsonl import iter_jsonl
+from kobllla.atomic import refuse_output_over_inputs, write_json, write_text
+from kobllla.chat_api import ChatEndpoint, FatalEndpointError, Retryable, RowError, check_base_url
+from kobllla.conversations import SEED_TURN_SEPARATOR, Conversation, conversation_of
+from kobllla.rows import iter_rows
+
+__all__ = ["ChatEndpoint", "Conversation", "FatalEndpointError", "InvalidRowsError", "Prompt", "RowError",
+           "RowsFailedError", "check_base_url", "parse_reply", "parse_speech_levels", "render_turns",
+           "translate_dataset"]
 
 PROMPT_VERSION = "kolima-v1"
-SYSTEM_PROMPT = """You translate conversations between a user and an AI assistant from English into modern, natural Korean.
-
-Rules:
-1. The input is a conversation whose turns each start with a marker line such as <<<USER 1>>>, <<<ASSISTANT 2>>> or <<<SYSTEM 0>>>. Reply with exactly the same marker lines, in the same order, each followed by the Korean translation of that turn, and nothing else.
-2. USER turns: casual Korean (반말), keeping the user's tone and style.
-3. ASSISTANT turns: polite formal Korean (존댓말), keeping every piece of content.
-4. SYSTEM turns: natural Korean that keeps the instructions' meaning.
-5. Keep verbatim: code blocks (```...```), inline code (`...`), URLs, LaTeX, markdown structure (headings, lists, tables, bold, links), file paths and names of software and APIs. English technical terms may stay in English.
-6. Do not answer the conversation, summarise it, or add notes.
-"""
+SYSTEM_PROMPT = (
+    'You translate conversations between a user and an AI assistant from English into modern, natural '
+    'Korean.\n'
+    '\n'
+    'Rules:\n'
+    '1. The input is a conversation whose turns each start with a marker line such as <<<USER 1>>>, '
+    '<<<ASSISTANT 2>>> or <<<SYSTEM 0>>>. Reply with exactly the same marker lines, in the same order, '
+    'each followed by the Korean translation of that turn, and nothing else.\n'
+    "2. USER turns: casual Korean (반말), keeping the user's tone and style.\n"
+    '3. ASSISTANT turns: polite formal Korean (존댓말), keeping every piece of content.\n'
+    "4. SYSTEM turns: natural Korean that keeps the instructions' meaning.\n"
+    '5. Keep verbatim: code blocks (```...```), inline code (`...`), URLs, LaTeX, markdown structure '
+    '(headings, lists, tables, bold, links), file paths and names of software and APIs. English technical'
+    ' terms may stay in English.\n'
+    '6. Do not answer the conversation, summarise it, or add notes.\n'
+)
+CUSTOM_PROMPT = (
+    '{instructions}\n'
+    '\n'
+    'Reply format: the input is a conversation whose turns each start with a marker line such as <<<USER '
+    '1>>>, <<<ASSISTANT 2>>> or <<<SYSTEM 0>>>. Reply with exactly the same marker lines, in the same '
+    'order, each followed by that turn rewritten as the instructions above say, and nothing else. Keep '
+    'code blocks (```...```) and URLs verbatim.\n'
+)
 ROLES = ("USER", "ASSISTANT")
+SPEECH_LEVELS = ("banmal", "jondaetmal")
 _MARKER = re.compile(r"^<<<(SYSTEM|USER|ASSISTANT) (\d+)>>>[ \t]*$", re.MULTILINE)
 _URL = re.compile(r"https?://[^\s)>\]\"'`]+")
-RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
-
-
-class FatalEndpointError(RuntimeError):
-    """The endpoint refuses every request (bad key, wrong URL or model): stop the run."""
-
-
-class RowError(RuntimeError):
-    """One row could not be translated (after retries, or a non-retryable HTTP status)."""
 
 
 class RowsFailedError(ValueError):
     """Some rows still failed after retries; they are listed in ``OUTPUT.errors.jsonl``."""
 
 
-class _Retryable(RuntimeError):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(reason)
-        self.retry_after = retry_after
+class InvalidRowsError(ValueError):
+    """Rows the dataset builders would refuse; nothing was sent."""
 
 
 @dataclass(frozen=True)
-class Conversation:
-    """One input row: its index, turns (user first, alternating) and optional system prompt."""
+class Prompt:
+    """The system prompt sent with every row, what names it in the cache key and manifest, and the reply checks."""
 
-    row: int
-    turns: tuple[str, ...]
-    system: str | None
-    raw: dict
+    text: str = SYSTEM_PROMPT
+    version: str = PROMPT_VERSION
+    speech_levels: tuple[tuple[str, str], ...] = ()  # (role, level): ("user", "banmal")
+
+    @classmethod
+    def from_file(cls, path: Path | str | None, speech_levels: dict[str, str] | None = None) -> Prompt:
+        """The built-in KoLIMA prompt, or your instructions (a text file) inside the marker protocol."""
+        levels = tuple(sorted((speech_levels or {}).items()))
+        if path is None:
+            return cls(speech_levels=levels)
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--instructions {path}: no such file; write the rewriting rules in a text file")
+        instructions = path.read_text(encoding="utf-8-sig").strip()
+        if not instructions:
+            raise ValueError(f"--instructions {path}: the file is empty; write the rewriting rules in it")
+        digest = hashlib.sha256(instructions.encode()).hexdigest()[:12]
+        return cls(CUSTOM_PROMPT.format(instructions=instructions), f"custom-{digest}", levels)
+
+
+def parse_speech_levels(text: str) -> dict[str, str]:
+    """``"user=banmal,assistant=jondaetmal"`` -> ``{"user": "banmal", "assistant": "jondaetmal"}``."""
+    levels = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        role, sep, level = (s.strip() for s in item.partition("="))
+        if not sep or role not in ("user", "assistant") or level not in SPEECH_LEVELS:
+            raise ValueError(
+                f"--check-speech-level {text!r}: {item!r} must be ROLE=LEVEL with ROLE user or assistant and "
+                f"LEVEL one of {', '.join(SPEECH_LEVELS)} (e.g. user=banmal,assistant=jondaetmal)"
+            )
+        levels[role] = level
+    if not levels:
+        raise ValueError("--check-speech-level needs ROLE=LEVEL pairs, e.g. user=banmal,assistant=jondaetmal")
+    return levels
 
 
 # ---------------------------------------------------------------- prompt and reply
@@ -104,172 +150,97 @@ def _markers(conv: Conversation) -> list[tuple[str, int]]:
 def _check_verbatim(source: str, translated: str, where: str) -> None:
     if source.count("```") != translated.count("```"):
         n_src, n_out = source.count("```"), translated.count("```")
-        raise _Retryable(f"{where}: {n_src} code fences in the source, {n_out} in the reply")
+        raise Retryable(f"{where}: {n_src} code fences in the source, {n_out} in the reply")
     lost = [u.rstrip(".,;:!?") for u in _URL.findall(source) if u.rstrip(".,;:!?") not in translated]
     if lost:
-        raise _Retryable(f"{where}: URL {lost[0]} missing from the reply")
+        raise Retryable(f"{where}: URL {lost[0]} missing from the reply")
 
 
 def parse_reply(conv: Conversation, reply: str) -> tuple[str | None, tuple[str, ...]]:
     """Splits a reply into (system, turns); raises a retryable error naming what is wrong."""
     found = [(m.group(1), int(m.group(2))) for m in _MARKER.finditer(reply)]
     if found != _markers(conv):
-        raise _Retryable(f"reply markers {found[:6]} do not match the {len(_markers(conv))} sent")
+        raise Retryable(f"reply markers {found[:6]} do not match the {len(_markers(conv))} sent")
     bodies = [b.strip() for b in _MARKER.split(reply)[3::3]]
     sources = ([conv.system] if conv.system else []) + list(conv.turns)
     for (role, n), src, out in zip(found, sources, bodies, strict=True):
         if not out:
-            raise _Retryable(f"reply turn {role} {n} is empty")
+            raise Retryable(f"reply turn {role} {n} is empty")
         _check_verbatim(src, out, f"turn {role} {n}")
     return (bodies[0], tuple(bodies[1:])) if conv.system else (None, tuple(bodies))
 
 
-def cache_key(conv: Conversation, *, model: str, temperature: float) -> str:
-    """Hash of everything that decides a translation: input turns, model, prompt, temperature."""
-    blob = json.dumps(
-        [PROMPT_VERSION, SYSTEM_PROMPT, model, temperature, conv.system, list(conv.turns)], ensure_ascii=False
-    )
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+def check_speech_levels(turns: tuple[str, ...], levels: tuple[tuple[str, str], ...]) -> None:
+    """Raises a retryable error for the first turn whose speech level is known and not the wanted one."""
+    if not levels:
+        return
+    from kobllla.korean import text_speech_level
+
+    wanted = dict(levels)
+    for i, turn in enumerate(turns):
+        role = "user" if i % 2 == 0 else "assistant"
+        found = text_speech_level(turn) if role in wanted else None
+        if found is not None and found != wanted[role]:
+            raise Retryable(f"turn {ROLES[i % 2]} {i + 1} is in {found}, expected {wanted[role]}")
 
 
-# ---------------------------------------------------------------- HTTP
+def cache_key(conv: Conversation, *, model: str, temperature: float, prompt: Prompt = Prompt()) -> str:
+    """Hash of everything that decides a translation: input turns, model, prompt, temperature, checks."""
+    parts = [prompt.version, prompt.text, model, temperature, conv.system, list(conv.turns)]
+    if prompt.speech_levels:
+        parts.append([list(p) for p in prompt.speech_levels])
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-@dataclass
-class ChatEndpoint:
-    """An OpenAI-compatible ``POST {base_url}/chat/completions`` with retries.
+def translate_row(endpoint: ChatEndpoint, conv: Conversation, prompt: Prompt = Prompt()):
+    """``((system, turns), usage)`` of one row; retries replies that fail the marker or speech-level checks."""
+    messages = [{"role": "system", "content": prompt.text}, {"role": "user", "content": render_turns(conv)}]
 
-    ``api_key`` goes only into the Authorization header, never into messages or logs.
-    """
+    def accept(reply: str) -> tuple[str | None, tuple[str, ...]]:
+        system, turns = parse_reply(conv, reply)
+        check_speech_levels(turns, prompt.speech_levels)
+        return system, turns
 
-    base_url: str
-    model: str
-    api_key: str | None = field(default=None, repr=False)
-    key_env: str = "OPENAI_API_KEY"
-    timeout_s: float = 300.0
-    max_attempts: int = 6
-    backoff_s: float = 2.0
-    backoff_max_s: float = 120.0
-    temperature: float = 0.3
-    max_tokens: int | None = None
-    sleep: Callable[[float], None] = time.sleep
-
-    @property
-    def url(self) -> str:
-        return self.base_url.rstrip("/") + "/chat/completions"
-
-    def _post(self, messages: list[dict]) -> dict:
-        payload = {"model": self.model, "messages": messages, "temperature": self.temperature}
-        if self.max_tokens:
-            payload["max_tokens"] = self.max_tokens
-        body = json.dumps(payload).encode()
-        headers = {"Content-Type": "application/json", "User-Agent": f"kobllla/{kobllla.__version__}"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:  # noqa: S310
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            self._raise_for_status(exc)
-        except (TimeoutError, socket.timeout):
-            raise _Retryable(f"no reply within {self.timeout_s:g} s") from None
-        except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as exc:
-            raise _Retryable(f"connection failed ({getattr(exc, 'reason', exc)})") from None
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _Retryable(f"malformed JSON in the reply: {raw[:80]!r}") from None
-
-    def _raise_for_status(self, exc: urllib.error.HTTPError) -> None:
-        detail = exc.read()[:200].decode("utf-8", "replace").replace("\n", " ")
-        if exc.code in (401, 403):
-            raise FatalEndpointError(
-                f"{self.url} refused the API key (HTTP {exc.code}); set ${self.key_env} to a valid key "
-                f"(or pass --api-key-env NAME)"
-            ) from None
-        if exc.code == 404:
-            raise FatalEndpointError(
-                f"{self.url}: HTTP 404 ({detail}); check --base-url (OpenAI-style URLs end in /v1) "
-                f"and --model {self.model!r}"
-            ) from None
-        if exc.code in RETRY_STATUS:
-            after = exc.headers.get("Retry-After") if exc.headers else None
-            raise _Retryable(f"HTTP {exc.code}", float(after) if after and after.isdigit() else None) from None
-        raise RowError(f"HTTP {exc.code}: {detail}") from None
-
-    def translate(self, conv: Conversation) -> tuple[tuple[str | None, tuple[str, ...]], dict]:
-        """Translated (system, turns) and the reply's token usage; retries, then raises RowError."""
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": render_turns(conv)}]
-        reason = ""
-        for attempt in range(self.max_attempts):
-            try:
-                reply = self._post(messages)
-                return parse_reply(conv, _content(reply)), reply.get("usage") or {}
-            except _Retryable as exc:
-                reason = str(exc)
-                if attempt + 1 < self.max_attempts:
-                    delay = min(self.backoff_max_s, self.backoff_s * 2**attempt) * (0.5 + random.random())
-                    self.sleep(min(self.backoff_max_s, exc.retry_after) if exc.retry_after is not None else delay)
-        raise RowError(f"{reason} (gave up after {self.max_attempts} attempts)")
-
-
-def _content(reply: object) -> str:
-    try:
-        choice = reply["choices"][0]  # type: ignore[index]
-        content = choice["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        raise _Retryable(f"reply has no choices[0].message.content: {str(reply)[:80]}") from None
-    if choice.get("finish_reason") == "length":
-        raise RowError("reply cut off at the output token limit (finish_reason=length); raise --max-tokens")
-    if not isinstance(content, str):
-        raise _Retryable(f"reply content is {type(content).__name__}, expected text")
-    return content
+    return endpoint.complete(messages, accept)
 
 
 # ---------------------------------------------------------------- input, cache, output
 
 
-def read_conversations(path: Path, *, field: str = "conversations", system_field: str = "system") -> list[Conversation]:
-    """LIMA rows from ``.jsonl``/``.json``/``.parquet``: ``field`` is a list of turns, user first."""
-    rows = list(_read_rows(Path(path)))
-    if not rows:
-        raise ValueError(f"{path}: no rows; expected LIMA rows like {{\"conversations\": [\"question\", \"answer\"]}}")
-    return [_conversation(path, i, row, field, system_field) for i, row in enumerate(rows)]
+def read_rows(path: Path, *, field: str, system_field: str, limit: int | None,
+              skip_invalid: bool) -> tuple[list[Conversation], list[str]]:
+    """Validated conversations of the first ``limit`` rows, and the problems of the rows skipped.
 
-
-def _read_rows(path: Path) -> Iterator[dict]:
+    Raises:
+        InvalidRowsError: some rows are not valid chat rows and ``skip_invalid`` is False (all listed).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--input {path} is a directory; pass LIMA's train.jsonl (GAIR/lima)")
     if not path.is_file():
         raise FileNotFoundError(f"input not found: {path}; pass LIMA's train.jsonl (GAIR/lima)")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from pq.read_table(path).to_pylist()
-        return
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        yield from json.loads(text)
-        return
-    for _, row in iter_jsonl(path):
-        yield row
-
-
-def _conversation(path: Path, i: int, row: object, field: str, system_field: str) -> Conversation:
-    if not isinstance(row, dict):
-        raise ValueError(f"{path} row {i}: expected a JSON object, found {type(row).__name__}")
-    if field not in row:
-        raise ValueError(f"{path} row {i}: no field {field!r}; fields are {sorted(row)}; pass --field NAME")
-    turns = row[field]
-    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-        raise ValueError(f"{path} row {i}: field {field!r} must be a non-empty list of non-empty strings (LIMA turns)")
-    system = row.get(system_field)
-    if system is not None and not isinstance(system, str):
-        raise ValueError(f"{path} row {i}: field {system_field!r} is {type(system).__name__}, expected text or null")
-    return Conversation(i, tuple(turns), system or None, row)
+    convs, problems = [], []
+    for n, (ref, row) in enumerate(iter_rows(str(path)), start=1):
+        if limit is not None and n > limit:
+            break
+        try:
+            convs.append(conversation_of(ref, row, conversation_column=field, system_column=system_field,
+                                         config_key="--field"))
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems and not skip_invalid:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise InvalidRowsError(
+            f"{len(problems)} of {len(convs) + len(problems)} rows are not chat rows the dataset builders accept, "
+            f"nothing was sent: {shown}; fix them, or pass --skip-invalid to translate the others"
+        )
+    if not convs:
+        raise InvalidRowsError(f"{path}: no valid chat row to translate ({len(problems)} skipped)")
+    return convs, problems
 
 
 class TranslationCache:
-    """Append-only JSON lines ``{"key", "row", "system", "turns", "usage"}``, fsync'd per row.
+    """Append-only JSON lines ``{"key", "where", "system", "turns", "usage"}``, fsync'd per row.
 
     A line cut short by a kill is ignored and trimmed on the next append.
     """
@@ -277,13 +248,22 @@ class TranslationCache:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.entries: dict[str, dict] = {}
+        if self.path.is_dir():
+            raise IsADirectoryError(f"cache {self.path} is a directory; pass --cache FILE")
         if self.path.exists():
             self._load()
+        self.created = not self.path.exists()
+        try:  # fail now, not after the first paid reply, when the directory is not writable
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+        except PermissionError:
+            raise PermissionError(f"cannot write the cache {self.path}: permission denied; pick an --output "
+                                  "(or --cache) in a directory you can write") from None
 
     def _load(self) -> None:
         data = self.path.read_bytes()
         complete = data[: data.rfind(b"\n") + 1]
-        for n, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        for n, line in enumerate(complete.decode("utf-8").split("\n")[:-1], start=1):
             try:
                 entry = json.loads(line)
                 self.entries[entry["key"]] = entry
@@ -296,23 +276,31 @@ class TranslationCache:
                 f.truncate(len(complete))
 
     def add(self, entry: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _append_line(self.path, entry)
         self.entries[entry["key"]] = entry
 
+    def discard_if_unused(self) -> None:
+        """Removes the cache file this run created when no row was added (a run stopped at once)."""
+        if self.created and not self.entries and self.path.is_file() and self.path.stat().st_size == 0:
+            self.path.unlink()
 
-def _write_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
+
+def _append_line(path: Path, obj: dict) -> None:
+    """One JSON line appended, flushed and fsync'd: a kill never loses a finished line."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _error_entry(conv: Conversation, reason: str) -> dict:
+    return {conv.ref.unit: conv.ref.number, "reason": reason}
 
 
 def _output_row(conv: Conversation, entry: dict, field: str, system_field: str) -> str:
     row = dict(conv.raw)
-    row[field] = entry["turns"]
+    joined = isinstance(row[field], str)  # the seed's "[sep]"-joined turns stay one string
+    row[field] = f" {SEED_TURN_SEPARATOR} ".join(entry["turns"]) if joined else entry["turns"]
     if conv.system:
         row[system_field] = entry["system"]
     return json.dumps(row, ensure_ascii=False) + "\n"
@@ -321,29 +309,72 @@ def _output_row(conv: Conversation, entry: dict, field: str, system_field: str) 
 # ---------------------------------------------------------------- driver
 
 
-def _run_requests(endpoint: ChatEndpoint, todo: list[Conversation], cache: TranslationCache,
-                  keys: dict[int, str], concurrency: int, progress: bool) -> dict[int, str]:
+def _run_requests(endpoint: ChatEndpoint, prompt: Prompt, todo: list[int], convs: list[Conversation],
+                  cache: TranslationCache, keys: list[str], errors_path: Path, concurrency: int,
+                  progress: bool) -> dict[int, str]:
+    """Sends ``todo`` (indices into ``convs``) on daemon threads; returns {index: reason} of failed rows."""
+    jobs: queue.Queue = queue.Queue()
+    for i in todo:
+        jobs.put(i)
+    results: queue.Queue = queue.Queue()
+
+    def worker() -> None:
+        while True:
+            try:
+                i = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results.put((i, translate_row(endpoint, convs[i], prompt), None))
+            except BaseException as exc:  # noqa: B036 - handed to the main thread, which decides
+                results.put((i, None, exc))
+
     errors: dict[int, str] = {}
     bar = tqdm(total=len(todo), unit=" rows", desc="translate", disable=not progress, file=sys.stderr)
-    pool = ThreadPoolExecutor(max_workers=concurrency)
-    finished = False
+    for _ in range(min(concurrency, len(todo))):
+        threading.Thread(target=worker, daemon=True).start()
     try:
-        futures = {pool.submit(endpoint.translate, conv): conv for conv in todo}
-        for fut in as_completed(futures):
-            conv = futures[fut]
-            try:
-                (system, turns), usage = fut.result()
-                entry = {"key": keys[conv.row], "row": conv.row, "system": system, "turns": list(turns)}
-                cache.add({**entry, "usage": usage})
-            except RowError as exc:
-                errors[conv.row] = str(exc)
+        for _ in todo:
+            i, result, exc = _next_result(results)
+            if isinstance(exc, RowError):
+                errors[i] = str(exc)
+                _append_line(errors_path, _error_entry(convs[i], errors[i]))
+            elif exc is not None:
+                raise exc
+            else:
+                (system, turns), usage = result
+                where = {convs[i].ref.unit: convs[i].ref.number}
+                cache.add({"key": keys[i], **where, "system": system, "turns": list(turns), "usage": usage})
             bar.update(1)
             bar.set_postfix(failed=len(errors), refresh=False)
-        finished = True
-    finally:  # on a fatal error or Ctrl-C, do not wait for requests still in flight
-        pool.shutdown(wait=finished, cancel_futures=True)
+    finally:  # on a fatal error or Ctrl-C the daemon threads are abandoned mid-request
+        endpoint.stop()
         bar.close()
     return errors
+
+
+def _next_result(results: queue.Queue) -> tuple:
+    while True:  # a timeout keeps Ctrl-C responsive
+        try:
+            return results.get(timeout=0.5)
+        except queue.Empty:
+            continue
+
+
+def _side_paths(output_path: Path, cache_path: Path | str | None) -> dict[str, Path]:
+    sibling = lambda suffix: output_path.with_name(output_path.name + suffix)  # noqa: E731
+    return {"output": output_path, "cache": Path(cache_path) if cache_path else sibling(".cache.jsonl"),
+            "errors": sibling(".errors.jsonl"), "manifest": sibling(".manifest.json")}
+
+
+def _check_outputs(paths: dict[str, Path], input_path: Path) -> None:
+    if paths["output"].is_dir():
+        raise IsADirectoryError(f"--output {paths['output']} is a directory; pass a file such as "
+                                f"{paths['output'] / 'kolima.jsonl'}")
+    for path in paths.values():
+        refuse_output_over_inputs(path, [input_path])
+    if paths["cache"].resolve() in {paths[k].resolve() for k in ("output", "errors", "manifest")}:
+        raise ValueError(f"--cache {paths['cache']} is one of the other output files; pick another path")
 
 
 def translate_dataset(
@@ -357,76 +388,100 @@ def translate_dataset(
     concurrency: int = 8,
     limit: int | None = None,
     allow_partial: bool = False,
+    skip_invalid: bool = False,
+    prompt: Prompt = Prompt(),
     progress: bool = True,
 ) -> dict:
     """Translates ``input_path`` (LIMA rows) into ``output_path`` (KoLIMA rows, same order and fields).
+
+    Args:
+        input_path: LIMA rows (``.jsonl``, ``.json``, ``.csv`` or ``.parquet``); never modified.
+        output_path: the translated rows (JSON Lines); must not be, or replace, the input.
+        endpoint: the chat-completions endpoint (:class:`kobllla.chat_api.ChatEndpoint`).
+        cache_path: finished rows (default ``OUTPUT.cache.jsonl``).
+        field, system_field: the turns column and the optional system prompt column.
+        concurrency: requests in flight.
+        limit: only the first ``limit`` rows of the input.
+        allow_partial: write the output without the rows that failed.
+        skip_invalid: translate the valid rows when some rows are not chat rows (else refuse).
+        prompt: the instructions and reply checks (:meth:`Prompt.from_file`).
+        progress: a progress bar on stderr.
 
     Returns:
         dict: the manifest also written to ``OUTPUT.manifest.json`` (counts, model, prompt version).
 
     Raises:
         FileNotFoundError: no input file.
-        ValueError: a malformed input row (file, row and field named), a bad setting, a corrupt
-            cache line, or rows that failed (listed in ``OUTPUT.errors.jsonl``; no output
+        InvalidRowsError: rows the dataset builders would refuse (each named by file and line).
+        ValueError: a bad setting, an output over the input, a corrupt cache line, or rows that
+            failed (:class:`RowsFailedError`, listed in ``OUTPUT.errors.jsonl``; no output
             written unless ``allow_partial``).
-        FatalEndpointError: the endpoint refused the key, or the URL/model does not exist.
+        FatalEndpointError: the endpoint refused the key, the URL/model does not exist, nothing
+            listens there, or no request succeeded for ``endpoint.give_up_after_s``.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 (or None for every row), got {limit}")
-    output_path = Path(output_path)
-    convs = read_conversations(Path(input_path), field=field, system_field=system_field)[:limit]
-    cache = TranslationCache(Path(cache_path or output_path.with_name(output_path.name + ".cache.jsonl")))
-    keys = {c.row: cache_key(c, model=endpoint.model, temperature=endpoint.temperature) for c in convs}
-    first_row = {}  # identical inputs are requested once
-    for c in convs:
-        first_row.setdefault(keys[c.row], c.row)
-    todo = [c for c in convs if first_row[keys[c.row]] == c.row and keys[c.row] not in cache.entries]
+    paths = _side_paths(Path(output_path), cache_path)
+    _check_outputs(paths, Path(input_path))
+    convs, invalid = read_rows(Path(input_path), field=field, system_field=system_field, limit=limit,
+                               skip_invalid=skip_invalid)
+    cache = TranslationCache(paths["cache"])
+    keys = [cache_key(c, model=endpoint.model, temperature=endpoint.temperature, prompt=prompt) for c in convs]
+    first = {}  # identical inputs are requested once
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    todo = [i for i, key in enumerate(keys) if first[key] == i and key not in cache.entries]
+    paths["errors"].unlink(missing_ok=True)  # this run's failures only
     start = time.monotonic()
-    errors = _run_requests(endpoint, todo, cache, keys, concurrency, progress)
-    for c in convs:
-        if keys[c.row] not in cache.entries and c.row not in errors:
-            errors[c.row] = f"same input as row {first_row[keys[c.row]]}, which failed"
-    return _finish(convs, keys, cache, errors, output_path, endpoint, field, system_field,
-                   allow_partial, requested=len(todo), elapsed=time.monotonic() - start)
+    try:
+        errors = _run_requests(endpoint, prompt, todo, convs, cache, keys, paths["errors"], concurrency, progress)
+    except BaseException:
+        cache.discard_if_unused()
+        raise
+    for i, key in enumerate(keys):
+        if key not in cache.entries and i not in errors:
+            errors[i] = f"same input as {convs[first[key]].ref}, which failed"
+    return _finish(convs, keys, cache, errors, paths, endpoint, prompt, field, system_field, allow_partial,
+                   invalid=invalid, requested=len(todo), elapsed=time.monotonic() - start)
 
 
-def _finish(convs: list[Conversation], keys: dict[int, str], cache: TranslationCache, errors: dict[int, str],
-            output_path: Path, endpoint: ChatEndpoint, field: str, system_field: str, allow_partial: bool,
-            *, requested: int, elapsed: float) -> dict:
-    errors_path = output_path.with_name(output_path.name + ".errors.jsonl")
-    manifest_path = output_path.with_name(output_path.name + ".manifest.json")
-    if errors:
-        lines = [json.dumps({"row": r, "reason": errors[r]}, ensure_ascii=False) + "\n" for r in sorted(errors)]
-        _write_atomic(errors_path, lines)
-    else:
-        errors_path.unlink(missing_ok=True)
+def _finish(convs: list[Conversation], keys: list[str], cache: TranslationCache, errors: dict[int, str],
+            paths: dict[str, Path], endpoint: ChatEndpoint, prompt: Prompt, field: str, system_field: str,
+            allow_partial: bool, *, invalid: list[str], requested: int, elapsed: float) -> dict:
+    if errors:  # the file was appended as rows failed; now in input order
+        write_text(paths["errors"], "".join(json.dumps(_error_entry(convs[i], errors[i]), ensure_ascii=False) + "\n"
+                                            for i in sorted(errors)))
     if errors and not allow_partial:
-        manifest_path.unlink(missing_ok=True)
-        output_path.unlink(missing_ok=True)
+        paths["manifest"].unlink(missing_ok=True)
+        paths["output"].unlink(missing_ok=True)
+        first = min(errors)
         raise RowsFailedError(
-            f"{len(errors)} of {len(convs)} rows failed (first: row {min(errors)}: {errors[min(errors)]}); "
-            f"reasons in {errors_path}; rerun the same command to retry them ({len(convs) - len(errors)} are cached), "
-            "or pass --allow-partial"
+            f"{len(errors)} of {len(convs)} rows failed (first: {convs[first].ref}: {errors[first]}); "
+            f"reasons in {paths['errors']}; rerun the same command to retry them ({len(convs) - len(errors)} "
+            "are cached), or pass --allow-partial"
         )
-    done = [c for c in convs if keys[c.row] in cache.entries]
-    _write_atomic(output_path, [_output_row(c, cache.entries[keys[c.row]], field, system_field) for c in done])
+    done = [i for i in range(len(convs)) if keys[i] in cache.entries]
+    write_text(paths["output"], "".join(_output_row(convs[i], cache.entries[keys[i]], field, system_field)
+                                        for i in done))
     manifest = {
-        "kind": "kobllla.translation", "output": output_path.name, "rows_in": len(convs), "rows_out": len(done),
-        "failed_rows": sorted(errors), "requested_this_run": requested, "from_cache": len(convs) - requested,
+        "kind": "kobllla.translation", "output": paths["output"].name, "rows_in": len(convs) + len(invalid),
+        "rows_out": len(done), "failed_rows": [str(convs[i].ref) for i in sorted(errors)],
+        "skipped_invalid": invalid, "requested_this_run": requested, "from_cache": len(convs) - requested,
         "model": endpoint.model, "base_url": endpoint.base_url, "api_key_env": endpoint.key_env,
-        "temperature": endpoint.temperature, "prompt_version": PROMPT_VERSION,
-        "prompt_sha256": hashlib.sha256(SYSTEM_PROMPT.encode()).hexdigest(),
-        "usage": _usage_total(cache.entries[keys[c.row]].get("usage") or {} for c in done),
+        "temperature": endpoint.temperature, "prompt_version": prompt.version,
+        "prompt_sha256": hashlib.sha256(prompt.text.encode()).hexdigest(),
+        "speech_levels": dict(prompt.speech_levels),
+        "usage": _usage_total(cache.entries[keys[i]].get("usage") or {} for i in done),
         "elapsed_s": round(elapsed, 2), "kobllla": kobllla.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_atomic(manifest_path, [json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"])
+    write_json(paths["manifest"], manifest)
     return manifest
 
 
-def _usage_total(usages: Iterator[dict]) -> dict[str, int]:
+def _usage_total(usages: Iterable[dict]) -> dict[str, int]:
     total: dict[str, int] = {}
     for u in usages:
         for k in ("prompt_tokens", "completion_tokens", "total_tokens"):

@@ -183,8 +183,13 @@ def test_min_chars_counts_body_characters_only(tmp_path):
     body = "가" * 50
     dump = write_dump(tmp_path / "d.xml", [WikiPage(1, "긴 제목" * 20, body)], compress="none")
     kept = build_kowikitext(dump=dump, out_dir=tmp_path / "a", min_chars=50, workers=1, progress=False)
-    dropped = build_kowikitext(dump=dump, out_dir=tmp_path / "b", min_chars=51, workers=1, progress=False)
-    assert (kept["pages"]["kept"], dropped["pages"]["dropped"]["too_short"]) == (1, 1)
+    assert kept["pages"]["kept"] == 1
+    # one character short: nothing left to train on is an error naming the drop counts, not an empty split
+    with pytest.raises(ValueError, match=r"^d\.xml: no page kept for the train split \(1 pages read, 0 kept; dropped: "
+                       r"not_article 0, redirect 0, too_short 1, duplicate 0, parse_error 0; too_short means under "
+                       r"--min-chars 51\); nothing was written: lower --min-chars"):
+        build_kowikitext(dump=dump, out_dir=tmp_path / "b", min_chars=51, workers=1, progress=False)
+    assert not (tmp_path / "b").exists() and no_leftovers(tmp_path) == []
 
 
 def test_split_depends_only_on_the_page_id_with_the_requested_shares():

@@ -249,7 +249,7 @@ def test_bilima_mixes_with_kolima_as_a_list_of_packed_datasets(assets):
 
 def test_missing_text_column_names_file_row_and_columns(tmp_path, llama3_tok):
     f = write_csv(tmp_path / "wiki.csv", ["body"], [["가나다"]])
-    with pytest.raises(ValueError, match=r"wiki\.csv row 1: no field 'text' \(fields: body\); set column:"):
+    with pytest.raises(ValueError, match=r"wiki\.csv line 2: no field 'text' \(fields: body\); set column:"):
         kowikitext_dataset(llama3_tok, source=str(f), max_seq_len=16)
 
 
@@ -267,19 +267,19 @@ def test_unreadable_path_is_refused(tmp_path, llama3_tok):
 
 def test_odd_turn_count_names_the_row(tmp_path, llama3_tok):
     f = write_jsonl(tmp_path / "k.jsonl", [{"conversations": ["a", "b"]}, {"conversations": ["a", "b", "c"]}])
-    with pytest.raises(ValueError, match=r"k\.jsonl row 2: field 'conversations' has 3 turns; expected user/assistant pairs"):
+    with pytest.raises(ValueError, match=r"k\.jsonl line 2: field 'conversations' has 3 turns; expected user/assistant pairs"):
         kolima_dataset(llama3_tok, source=str(f))
 
 
 def test_empty_turn_names_the_row_and_turn(tmp_path, llama3_tok):
     f = write_csv(tmp_path / "seed.csv", ["system", "conversations"], [["", "질문 [sep]  "]])
-    with pytest.raises(ValueError, match=r"seed\.csv row 1: conversations\[1\] is empty"):
+    with pytest.raises(ValueError, match=r"seed\.csv line 2: conversations\[1\] is empty"):
         kolima_dataset(llama3_tok, source=str(f))
 
 
 def test_missing_conversation_column(tmp_path, llama3_tok):
     f = write_jsonl(tmp_path / "k.jsonl", [{"messages": ["a", "b"]}])
-    with pytest.raises(ValueError, match=r"k\.jsonl row 1: no field 'conversations' \(fields: messages\); set conversation_column:"):
+    with pytest.raises(ValueError, match=r"k\.jsonl line 1: no field 'conversations' \(fields: messages\); set conversation_column:"):
         kolima_dataset(llama3_tok, source=str(f))
 
 
@@ -291,7 +291,7 @@ def test_unknown_mode_lists_the_valid_ones(assets, llama3_tok):
 def test_bilima_turn_count_mismatch_is_an_error_or_skipped_and_counted(tmp_path, llama3_tok):
     rows = [{"en": ["q", "a"], "ko": ["질문", "답"]}, {"en": ["q", "a", "q2", "a2"], "ko": ["질문", "답"]}]
     f = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    with pytest.raises(ValueError, match=r"pairs\.jsonl row 2 has 4 English turns but pairs\.jsonl row 2 has 2 Korean turns; .*on_mismatch: skip"):
+    with pytest.raises(ValueError, match=r"pairs\.jsonl line 2 has 4 English turns but pairs\.jsonl line 2 has 2 Korean turns; .*on_mismatch: skip"):
         bilima_dataset(llama3_tok, mode="en_ko", source=str(f))
     ds = bilima_dataset(llama3_tok, mode="en_ko", source=str(f), on_mismatch="skip")
     assert (len(ds), ds.skipped_rows) == (1, 1)

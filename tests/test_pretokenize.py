@@ -295,7 +295,7 @@ def assert_nothing_written(tmp_path: Path) -> None:
 def test_missing_column_names_file_row_and_columns(tmp_path):
     f = tmp_path / "wiki.csv"
     f.write_text("title,body\n제목,본문\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"wiki\.csv row 1: no field 'text' \(fields: body, title\); set --column"):
+    with pytest.raises(ValueError, match=r"wiki\.csv line 2: no field 'text' \(fields: body, title\); pass --column NAME"):
         build(tmp_path, f)
     assert_nothing_written(tmp_path)
 
@@ -303,7 +303,7 @@ def test_missing_column_names_file_row_and_columns(tmp_path):
 def test_non_text_field_names_the_row(tmp_path):
     f = tmp_path / "rows.jsonl"
     f.write_text('{"text": "가나다"}\n{"text": 42}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"rows\.jsonl row 2: field 'text' is int, expected text"):
+    with pytest.raises(ValueError, match=r"rows\.jsonl line 2: field 'text' is int, expected text"):
         build(tmp_path, f, chunk_rows=1)
     assert_nothing_written(tmp_path)
 
@@ -368,7 +368,7 @@ def test_cli_prints_counts_or_one_line_error(assets, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out and (tmp_path / "out" / pt.MANIFEST).is_file()
     assert pretokenize_main([*args[:-4], str(tmp_path / "out2"), "--column", "body", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: kowiki_tiny.csv row 1: no field 'body' (fields: text)")
+    assert err.count("\n") == 1 and err.startswith("error: kowiki_tiny.csv line 2: no field 'body' (fields: text)")
     assert not (tmp_path / "out2").exists() and not (tmp_path / ".out2.partial").exists()
 
 

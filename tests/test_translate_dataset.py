@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kobllla.rows import RowRef
 from kobllla.translate import (
     ChatEndpoint,
     Conversation,
@@ -65,7 +66,7 @@ def run(tmp_path: Path, rows: list[dict], server: FakeChatServer, **kw) -> dict:
 
 
 def test_prompt_marks_each_turn_and_the_reply_must_return_the_same_markers():
-    conv = Conversation(0, ("Hi?", "Hello.", "Bye?", "Bye."), "Be brief.", {})
+    conv = Conversation(RowRef("t.jsonl", 1), "Be brief.", ("Hi?", "Hello.", "Bye?", "Bye."))
     assert render_turns(conv) == (
         "<<<SYSTEM 0>>>\nBe brief.\n\n<<<USER 1>>>\nHi?\n\n<<<ASSISTANT 2>>>\nHello.\n\n"
         "<<<USER 3>>>\nBye?\n\n<<<ASSISTANT 4>>>\nBye."
@@ -77,7 +78,7 @@ def test_prompt_marks_each_turn_and_the_reply_must_return_the_same_markers():
 
 
 def test_reply_that_drops_a_code_fence_or_a_url_is_rejected():
-    conv = Conversation(0, ("How?", CODE_ANSWER), None, {})
+    conv = Conversation(RowRef("t.jsonl", 1), None, ("How?", CODE_ANSWER))
     ok = f"<<<USER 1>>>\n어떻게?\n<<<ASSISTANT 2>>>\n{CODE_ANSWER.replace('Use this', '이것을 쓰세요')}"
     assert parse_reply(conv, ok)[1][1].startswith("이것을 쓰세요:\n```python")
     with pytest.raises(RuntimeError, match=r"turn ASSISTANT 2: 2 code fences in the source, 0 in the reply"):
@@ -121,20 +122,21 @@ def test_429_5xx_malformed_replies_and_a_hang_are_retried_until_they_succeed(tmp
 def test_rows_that_keep_failing_are_listed_with_reasons_and_no_output_is_written(tmp_path):
     rows = lima_rows(6, {1: "500", 3: "400", 5: "length"})
     with FakeChatServer() as server:
-        with pytest.raises(RowsFailedError, match=r"^3 of 6 rows failed \(first: row 1: HTTP 500 \(gave up after 3 attempts\)\); "
+        with pytest.raises(RowsFailedError, match=r"^3 of 6 rows failed \(first: lima.jsonl line 2: HTTP 500 \(gave up after 3 attempts\)\); "
                                                     r"reasons in .*kolima.jsonl.errors.jsonl; rerun"):
             run(tmp_path, rows, server, ep=endpoint(server, max_attempts=3))
         assert [server.attempts[r["conversations"][0]] for r in rows] == [1, 3, 1, 1, 1, 1]
         assert read_jsonl(tmp_path / "kolima.jsonl.errors.jsonl") == [
-            {"row": 1, "reason": "HTTP 500 (gave up after 3 attempts)"},
-            {"row": 3, "reason": 'HTTP 400: {"error": {"message": "scripted", "code": 400}}'},
-            {"row": 5, "reason": "reply cut off at the output token limit (finish_reason=length); raise --max-tokens"},
+            {"line": 2, "reason": "HTTP 500 (gave up after 3 attempts)"},
+            {"line": 4, "reason": 'HTTP 400: {"error": {"message": "scripted", "code": 400}}'},
+            {"line": 6, "reason": "reply cut off at the output token limit (finish_reason=length); raise --max-tokens"},
         ]
         assert not (tmp_path / "kolima.jsonl").exists() and not (tmp_path / "kolima.jsonl.manifest.json").exists()
         m = run(tmp_path, rows, server, ep=endpoint(server, max_attempts=3), allow_partial=True)
         assert [server.attempts[r["conversations"][0]] for r in rows] == [1, 6, 1, 2, 1, 2]  # successes not re-sent
     assert read_jsonl(tmp_path / "kolima.jsonl") == [expected(rows[i]) for i in (0, 2, 4)]
-    assert (m["rows_out"], m["failed_rows"], m["requested_this_run"], m["from_cache"]) == (3, [1, 3, 5], 3, 3)
+    assert (m["rows_out"], m["requested_this_run"], m["from_cache"]) == (3, 3, 3)
+    assert m["failed_rows"] == ["lima.jsonl line 2", "lima.jsonl line 4", "lima.jsonl line 6"]
 
 
 def test_a_rerun_sends_nothing_and_writes_the_same_bytes(tmp_path):
@@ -228,13 +230,14 @@ def test_a_wrong_url_is_fatal_and_names_the_fix(tmp_path):
 @pytest.mark.parametrize(
     ("content", "match"),
     [('{"conversation": ["q", "a"], "source": "x"}\n',
-      r"lima.jsonl row 0: no field 'conversations'; fields are \['conversation', 'source'\]; pass --field NAME"),
-     ('{"conversations": ["q", "a"]}\n{"conversations": "q a"}\n',
-      r"lima.jsonl row 1: field 'conversations' must be a non-empty list of non-empty strings"),
-     ('{"conversations": ["q", ""]}\n', r"row 0: field 'conversations' must be a non-empty list"),
-     ('{"conversations": ["q", "a"], "system": 3}\n', r"row 0: field 'system' is int, expected text or null"),
+      r"^1 of 1 rows are not chat rows the dataset builders accept, nothing was sent: lima.jsonl line 1: "
+      r"no field 'conversations' \(fields: conversation, source\); pass --field NAME; fix them, or pass --skip-invalid"),
+     ('{"conversations": ["q", "a"]}\n\n{"conversations": ["q", "a", "q2"]}\n',
+      r"^1 of 2 rows .*: lima.jsonl line 3: field 'conversations' has 3 turns; expected user/assistant pairs"),
+     ('{"conversations": ["q", ""]}\n', r"lima.jsonl line 1: conversations\[1\] is empty"),
+     ('{"conversations": ["q", "a"], "system": 3}\n', r"line 1: field 'system' is int, expected text"),
      ('{"conversations": ["q", "a"]}\n{"conversations": [\n', r"lima.jsonl line 2: not valid JSON"),
-     ("\n", r"lima.jsonl: no rows")],
+     ("\n", r"lima.jsonl: the file has no rows")],
 )
 def test_bad_input_rows_are_refused_naming_file_row_and_field(tmp_path, content, match):
     (tmp_path / "lima.jsonl").write_text(content, encoding="utf-8")
@@ -264,7 +267,7 @@ def test_cli_exits_1_when_rows_fail(tmp_path, capsys):
         rc = main(["--input", str(src), "--output", str(tmp_path / "k.jsonl"), "--base-url", server.base_url,
                    "--model", "m", "--max-attempts", "2", "--backoff", "0", "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 1 and err.startswith("error: 1 of 3 rows failed (first: row 2: HTTP 500") and err.count("\n") == 1
+    assert rc == 1 and err.startswith("error: 1 of 3 rows failed (first: lima.jsonl line 3: HTTP 500") and err.count("\n") == 1
 
 
 # ---------------------------------------------------------------- feeds the dataset builders

@@ -17,15 +17,15 @@ settings, the dump's SHA-1) is written last. Stage 1 reads it with
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from kobllla.cli import USER_ERRORS, make_parser, run
 from kobllla.wiki import DEFAULT_DROP_SECTIONS, build_kowikitext, download_dump
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__, prog="python -m tools.build_kowikitext")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dump", type=Path, help="MediaWiki XML export: .xml, .xml.bz2 (multistream too), .xml.gz")
     source.add_argument("--download", metavar="YYYYMMDD",
@@ -44,26 +44,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    try:
-        dump = args.dump or download_dump(
-            date=args.download, dest_dir=args.download_dir, progress=not args.no_progress
-        )
-        manifest = build_kowikitext(
-            dump=dump, out_dir=args.out, fmt=args.format, min_chars=args.min_chars,
-            dev_fraction=args.dev_fraction, test_fraction=args.test_fraction,
-            drop_sections=tuple(args.drop_section or DEFAULT_DROP_SECTIONS), workers=args.workers,
-            overwrite=args.overwrite, progress=not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # RuntimeError: a parser worker died (killed for memory); the message says to lower --workers
+    return run(lambda: _work(args), errors=(*USER_ERRORS, RuntimeError))
+
+
+def _work(args) -> None:
+    dump = args.dump or download_dump(date=args.download, dest_dir=args.download_dir, progress=not args.no_progress)
+    manifest = build_kowikitext(
+        dump=dump, out_dir=args.out, fmt=args.format, min_chars=args.min_chars,
+        dev_fraction=args.dev_fraction, test_fraction=args.test_fraction,
+        drop_sections=tuple(args.drop_section or DEFAULT_DROP_SECTIONS), workers=args.workers,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
     pages = manifest["pages"]
     dropped = ", ".join(f"{k} {v}" for k, v in pages["dropped"].items())
     rows = ", ".join(f"{s} {v['rows']}" for s, v in manifest["splits"].items())
     print(f"wrote {args.out}: {pages['kept']} of {pages['read']} pages kept ({rows}); dropped: {dropped}; "
           f"{manifest['characters']:,} characters in {manifest['elapsed_s']} s")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

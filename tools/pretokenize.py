@@ -19,15 +19,15 @@ where it stopped when the same command is run again. Train on it with
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from kobllla.cli import USER_ERRORS, make_parser, run
 from kobllla.pretokenized import pretokenize
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__, prog="python -m tools.pretokenize")
     parser.add_argument("--source", required=True,
                         help="csv|json|jsonl|parquet (with --data-files), a local file, or a hub dataset id")
     parser.add_argument("--data-files", nargs="+", default=None, help="local file(s) when --source names a format")
@@ -43,22 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    try:
-        manifest = pretokenize(
-            source=args.source, data_files=args.data_files, name=args.name, split=args.split, column=args.column,
-            tokenizer_path=args.tokenizer, out_dir=args.out, workers=args.workers, chunk_rows=args.chunk_rows,
-            overwrite=args.overwrite, progress=not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # RuntimeError: a worker died, or another process is writing the same --out
+    return run(lambda: _work(args), errors=(*USER_ERRORS, RuntimeError))
+
+
+def _work(args) -> None:
+    manifest = pretokenize(
+        source=args.source, data_files=args.data_files, name=args.name, split=args.split, column=args.column,
+        tokenizer_path=args.tokenizer, out_dir=args.out, workers=args.workers, chunk_rows=args.chunk_rows,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
     c = manifest["counts"]
     resumed = manifest["settings"]["resumed_at_row"]
     rate = f", {manifest['tokens_per_s']:,} tokens/s" if manifest["tokens_per_s"] else f" (resumed at row {resumed})"
     print(f"wrote {args.out}: {c['documents']:,} documents ({c['skipped_empty']} empty rows skipped), "
           f"{c['tokens']:,} tokens in {manifest['elapsed_s']} s{rate}")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,8 +13,9 @@ from typing import Literal
 from torchtune.datasets import PackedDataset
 from torchtune.modules.transforms import Transform
 
-from kobllla.datasets._chat import ChatDataset, Conversation, finish, parse_turns, read_conversations, to_messages
-from kobllla.datasets._sources import iter_rows, require_field
+from kobllla.conversations import Conversation, parse_turns, read_conversations
+from kobllla.datasets._chat import ChatDataset, finish, to_messages
+from kobllla.rows import iter_rows, require_field
 
 log = logging.getLogger(__name__)
 

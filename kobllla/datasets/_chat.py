@@ -1,4 +1,4 @@
-"""Chat rows in the two shapes found in the wild, validated where they enter.
+"""KoLIMA chat datasets; rows are read and validated by :mod:`kobllla.conversations`.
 
 * LIMA-style: ``conversations`` is a list of alternating user/assistant strings
   (``{"conversations": ["질문", "답변", ...]}``), optional ``system``.
@@ -8,75 +8,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
-
 from torch.utils.data import Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
 from torchtune.datasets import PackedDataset
 from torchtune.modules.transforms import Transform
 
-from kobllla.datasets._sources import Row, RowRef, iter_rows, require_field
+from kobllla.conversations import SEED_TURN_SEPARATOR, Conversation, parse_turns, read_conversations
 
-SEED_TURN_SEPARATOR = "[sep]"
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """One validated row: optional system prompt and user/assistant turns, user first."""
-
-    ref: RowRef
-    system: str | None
-    turns: tuple[str, ...]
-
-
-def parse_turns(ref: RowRef, value: object, *, field: str) -> tuple[str, ...]:
-    """Turns from a list of strings or a ``[sep]``-joined string; an even, non-zero count."""
-    if isinstance(value, str):
-        turns = [t.strip() for t in value.split(SEED_TURN_SEPARATOR)]
-    elif isinstance(value, (list, tuple)):
-        for i, turn in enumerate(value):
-            if not isinstance(turn, str):
-                raise ValueError(f"{ref}: {field}[{i}] is {type(turn).__name__}, expected text")
-        turns = [t.strip() for t in value]
-    else:
-        raise ValueError(
-            f"{ref}: field {field!r} is {type(value).__name__}; expected a list of turns or a '[sep]'-joined string"
-        )
-    for i, turn in enumerate(turns):
-        if not turn:
-            raise ValueError(f"{ref}: {field}[{i}] is empty; every user and assistant turn needs text")
-    if not turns or len(turns) % 2:
-        raise ValueError(
-            f"{ref}: field {field!r} has {len(turns)} turns; expected user/assistant pairs "
-            "(an even, non-zero number), user first"
-        )
-    return tuple(turns)
-
-
-def read_conversations(
-    source: str,
-    *,
-    data_files: str | list[str] | None,
-    split: str,
-    conversation_column: str,
-    system_column: str | None,
-) -> Iterator[Conversation]:
-    """Validated conversations of a chat file, in file order."""
-    for ref, row in iter_rows(source, data_files=data_files, split=split):
-        value = require_field(ref, row, conversation_column, config_key="conversation_column")
-        turns = parse_turns(ref, value, field=conversation_column)
-        system = _row_system(ref, row, system_column)
-        yield Conversation(ref, system, turns)
-
-
-def _row_system(ref: RowRef, row: Row, system_column: str | None) -> str | None:
-    if not system_column or row.get(system_column) is None:
-        return None
-    system = row[system_column]
-    if not isinstance(system, str):
-        raise ValueError(f"{ref}: field {system_column!r} is {type(system).__name__}, expected text")
-    return system.strip() or None
+__all__ = ["SEED_TURN_SEPARATOR", "ChatDataset", "Conversation", "finish", "kolima_dataset", "parse_turns",
+           "read_conversations", "to_messages"]
 
 
 def to_messages(system: str | None, turns: tuple[str, ...], *, train_on_input: bool) -> list[Message]:
@@ -107,7 +47,7 @@ class ChatDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         out = self._model_transform({"messages": self._conversations[index]})
         tokens, mask = out["tokens"], out["mask"]
-        labels = [CROSS_ENTROPY_IGNORE_IDX if m else t for t, m in zip(tokens, mask)]
+        labels = [CROSS_ENTROPY_IGNORE_IDX if m else t for t, m in zip(tokens, mask, strict=True)]
         return {"tokens": tokens, "labels": labels}
 
 

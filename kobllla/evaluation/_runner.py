@@ -211,6 +211,8 @@ def _data_sources(names: list[str], data_dir: Path | None, num_fewshot: int | No
             sources[name] = data_source(TASKS[name], data_dir, num_fewshot)
         except MissingLocalDataError as exc:
             missing.append(exc)
+    if data_dir is None:
+        _check_hub_cache(names)
     if len(missing) == 1:
         raise missing[0]
     if missing:
@@ -221,6 +223,34 @@ def _data_sources(names: list[str], data_dir: Path | None, num_fewshot: int | No
             f"schema, e.g. {export_hint(first.spec, first.split, first.path)}"
         )
     return sources
+
+
+def _hub_missing_error(spec, reason: str) -> FileNotFoundError:
+    """One line: the dataset, that it is neither reachable nor cached, and the --data-dir layout."""
+    from datasets.config import HF_DATASETS_CACHE
+
+    path = Path("DATA_DIR") / spec.hub_path / spec.hub_name / f"{spec.eval_split}.jsonl"
+    return FileNotFoundError(
+        f"{spec.name} needs the hub dataset {spec.hub_path} ({spec.hub_name}), which is not in the local cache "
+        f"{HF_DATASETS_CACHE} and cannot be fetched ({reason}); pass --data-dir DATA_DIR with each split as "
+        f"DATA_DIR/<dataset>/<config>/<split>.jsonl, here {path}, written on a machine with network by "
+        f"{export_hint(spec, spec.eval_split, path)}"
+    )
+
+
+def _check_hub_cache(names: list[str]) -> None:
+    """Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), every hub dataset must be in the local cache."""
+    import datasets
+    from datasets.config import HF_HUB_OFFLINE
+
+    if not HF_HUB_OFFLINE:
+        return
+    for name in names:
+        spec = TASKS[name]
+        try:
+            datasets.load_dataset_builder(spec.hub_path, spec.hub_name)
+        except (ConnectionError, FileNotFoundError, ValueError) as exc:
+            raise _hub_missing_error(spec, f"offline mode: {type(exc).__name__}") from None
 
 
 def _run_lm_eval(spec: str, names: list[str], sources: dict[str, dict], *, device: str, dtype: str,
@@ -241,12 +271,21 @@ def _run_lm_eval(spec: str, names: list[str], sources: dict[str, dict], *, devic
     with tempfile.TemporaryDirectory(prefix="kobllla-tasks-") as include_dir:
         write_task_yamls([TASKS[n] for n in names], sources, Path(include_dir))
         manager = TaskManager(include_path=include_dir, include_defaults=False)
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-            bootstrap_iters=bootstrap_iters, log_samples=False,
-        )
+        try:
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                bootstrap_iters=bootstrap_iters, log_samples=False,
+            )
+        except ConnectionError as exc:  # the hub is unreachable (no network) and a dataset is not cached
+            raise _hub_missing_error(_task_of_error(names, exc), f"{type(exc).__name__}") from None
     timing["lm_eval_s"] = time.perf_counter() - t0 - timing["load_s"]
     return lm, out, timing
+
+
+def _task_of_error(names: list[str], exc: BaseException):
+    """The task whose hub dataset the error names (the first task when it names none)."""
+    text = str(exc)
+    return next((TASKS[n] for n in names if TASKS[n].hub_path in text), TASKS[names[0]])
 
 
 def _record(label: str, ref, started: datetime, *, device: str, dtype: str, batch_size, max_length: int,

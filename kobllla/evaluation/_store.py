@@ -23,7 +23,8 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kobllla.checkpoint_io import write_json
+from kobllla.atomic import write_json
+from kobllla.jsonl import iter_jsonl
 
 RUN_SCHEMA = "kobllla.eval.run/1"
 HISTORY_NAME = "history.jsonl"
@@ -99,25 +100,38 @@ def load_run(path: Path) -> dict:
 
 
 def load_history(results_dir: Path) -> list[dict]:
-    """Summary lines of ``history.jsonl`` in the order the runs finished."""
+    """Summary lines of ``history.jsonl`` in the order the runs finished (none if the file is empty).
+
+    Raises:
+        FileNotFoundError: no ``history.jsonl`` in ``results_dir``.
+        ValueError: a line is not a JSON object (file and line named).
+    """
     path = Path(results_dir) / HISTORY_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `python -m eval.run --results-dir {results_dir}` first")
     rows = []
-    for row_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} row {row_no}: not valid JSON ({exc.msg})") from None
+    for line_no, row in iter_jsonl(path):
+        if not isinstance(row.get("label"), str) or not isinstance(row.get("file"), str):
+            raise ValueError(f"{path} line {line_no}: no 'label' and 'file' fields, so not a line written by "
+                             "`python -m eval.run`; delete that line")
+        rows.append(row)
     return rows
 
 
 def latest_runs(results_dir: Path) -> dict[str, dict]:
-    """The latest full record of each label in a results dir, in first-seen label order."""
+    """The latest full record of each label in a results dir, in first-seen label order.
+
+    Raises:
+        ValueError: the history lists no run.
+    """
     latest: dict[str, str] = {}
     for row in load_history(results_dir):
         latest[row["label"]] = row["file"]
+    if not latest:
+        raise ValueError(
+            f"{Path(results_dir) / HISTORY_NAME} lists no run (the file is empty): no evaluation has finished "
+            f"there yet; run `python -m eval.run --results-dir {results_dir}` first"
+        )
     return {label: load_run(Path(results_dir) / rel) for label, rel in latest.items()}
 
 

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import kobllla
-from kobllla.atomic import atomic_output_dir
+from kobllla.atomic import atomic_output_dir, refuse_output_over_inputs
 from kobllla.wiki.dump import DumpReader
 from kobllla.wiki.text import DEFAULT_DROP_SECTIONS, wikitext_to_text
 
@@ -200,10 +200,12 @@ def build_kowikitext(
     Raises:
         FileNotFoundError: the dump does not exist.
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-        ValueError: a bad setting, or a dump that is not a complete MediaWiki export.
+        ValueError: a bad setting, an output over the dump, a dump that is not a complete MediaWiki
+            export, or no page left for the train split (the drop counts named).
         RuntimeError: a worker process died (the OS killed it); nothing is written.
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
+    refuse_output_over_inputs(Path(out_dir), [Path(dump)])
     settings = _settings(fmt, min_chars, dev_fraction, test_fraction, tuple(drop_sections), workers)
     reader = DumpReader(dump)
     start = time.monotonic()
@@ -214,6 +216,7 @@ def build_kowikitext(
         finally:
             for w in writers.values():
                 w.close()
+        _require_train_rows(reader, counts, splits, settings)
         manifest = _manifest(reader, counts, splits, settings, time.monotonic() - start)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest
@@ -255,6 +258,18 @@ def _run(reader: DumpReader, writers: dict, settings: dict, batch_size: int, pro
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return counts, splits
+
+
+def _require_train_rows(reader: DumpReader, counts: Counter, splits: dict, settings: dict) -> None:
+    """An empty train split is an error (stage 1 would fail later on it), naming why pages were dropped."""
+    if splits["train"]["rows"]:
+        return
+    dropped = ", ".join(f"{r} {counts[r]}" for r in DROP_REASONS)
+    raise ValueError(
+        f"{reader.path.name}: no page kept for the train split ({reader.pages_read} pages read, "
+        f"{sum(s['rows'] for s in splits.values())} kept; dropped: {dropped}; too_short means under "
+        f"--min-chars {settings['min_chars']}); nothing was written: lower --min-chars or pass a larger dump"
+    )
 
 
 def _keep_or_reason(text: str | None, body_chars: int, min_chars: int, seen: set[int]) -> str | None:

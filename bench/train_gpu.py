@@ -327,12 +327,65 @@ def tiny_model_block() -> dict:
             "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0}
 
 
+# Component sets laid over the shipped config: (model component, extra model keys, loss component).
+# The extra keys are replaced, not merged: "stock" drops a shipped output/fp8 key.
+VARIANTS: dict[str, tuple[str, dict, str] | None] = {
+    "shipped": None,
+    "stock": ("torchtune.models.llama3.lora_llama3_8b", {}, "torchtune.modules.loss.CEWithChunkedOutputLoss"),
+    "fused": ("kobllla.models.lora_llama3_8b", {"output": "hidden"}, "kobllla.losses.FusedLinearCrossEntropyLoss"),
+    "fp8": ("kobllla.models.lora_llama3_8b", {"output": "hidden", "fp8": True},
+            "kobllla.losses.FusedLinearCrossEntropyLoss"),
+}
+
+
+def apply_variant(cfg: dict, variant: str, *, tiny: bool) -> None:
+    """Sets ``cfg``'s model and loss components to ``VARIANTS[variant]`` (in place)."""
+    spec = VARIANTS[variant]
+    if spec is None:
+        return
+    component, extra, loss = spec
+    if tiny:  # the generic builders take the shape; kobllla.models has the same two names
+        component = component.replace("lora_llama3_8b", "lora_llama3")
+    model = {k: v for k, v in cfg["model"].items() if k not in ("_component_", "output", "fp8")}
+    cfg["model"] = {"_component_": component, **model, **extra}
+    cfg["loss"] = {"_component_": loss}
+
+
+def loss_agreement(losses: dict[str, list[float]], *, reference: str, first: int) -> dict[str, dict]:
+    """Per run, how far its per-step losses are from ``reference``'s (same data, same seed).
+
+    ``max_rel_first_n``: the largest ``|loss - ref| / ref`` over the first ``first`` steps both
+    logged; ``rel_last``: the same at the last step both logged.
+    """
+    if reference not in losses:
+        raise ValueError(f"no reference run {reference!r}; have {sorted(losses)}")
+    ref = losses[reference]
+    out = {}
+    for name, curve in losses.items():
+        if name == reference:
+            continue
+        n = min(len(curve), len(ref))
+        if n == 0:
+            out[name] = {"steps_compared": 0}
+            continue
+        rel = [abs(a - b) / abs(b) for a, b in zip(curve[:n], ref[:n], strict=True)]
+        out[name] = {"steps_compared": min(n, first), "max_rel_first_n": max(rel[:first]), "last_step": n,
+                     "rel_last": rel[n - 1], "loss_last": curve[n - 1], "reference_loss_last": ref[n - 1]}
+    return out
+
+
 def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_path: Path, run_dir: Path,
                         preset: str, seq_len: int, batch_size: int, steps: int, compile_model: bool,
-                        device: str, dtype: str) -> dict:
-    """The shipped single-device stage-1 config with the benchmark's overrides, written as YAML."""
+                        device: str, dtype: str, variant: str = "shipped") -> dict:
+    """The shipped single-device stage-1 config with the benchmark's overrides, written as YAML.
+
+    ``variant`` (one of ``VARIANTS``) swaps the model and loss components: ``shipped`` keeps the
+    config's own, ``stock`` torchtune's, ``fused``/``fp8`` kobllla's (see ``VARIANTS``).
+    """
     from omegaconf import OmegaConf
 
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     cfg = OmegaConf.to_container(OmegaConf.load(SHIPPED_CONFIG), resolve=False)
     cfg["output_dir"] = str(run_dir / "out")
     cfg["tokenizer"].update(path=str(model_dir / "original" / "tokenizer.model"), max_seq_len=seq_len)
@@ -341,6 +394,7 @@ def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_pa
                       "data_files": str(csv_path), "column": "text", "packed": True}
     if preset == "tiny":
         cfg["model"] = tiny_model_block()
+    apply_variant(cfg, variant, tiny=preset == "tiny")
     cfg.update(batch_size=batch_size, gradient_accumulation_steps=1, epochs=1, max_steps_per_epoch=steps,
                compile=compile_model, enable_activation_checkpointing=False, save_adapter_weights_only=True,
                log_every_n_steps=1, log_peak_memory_stats=True, device=device, dtype=dtype)
@@ -476,6 +530,92 @@ def run_peer(*, args: argparse.Namespace, model_dir: Path, packs: Path, out: Pat
 
 
 # --------------------------------------------------------------------------------------------
+# The output projection + loss alone (a separate process on the same GPU)
+# --------------------------------------------------------------------------------------------
+
+
+def loss_micro_main(args: argparse.Namespace) -> int:
+    """Times forward + backward of the 128,256-way output + loss at 4,096 x 4,096 bf16 (8B, seq 4096).
+
+    torchtune's path (8 chunks of ``output(h)``, compiled ``compute_cross_entropy``) against
+    kobllla's fused loss at a few chunk sizes and, if importable, Liger's fused linear + CE.
+    Median of 10 timed runs after 3 warm-ups; loss and hidden-state gradient compared with torchtune's.
+    """
+    import torch
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+    from torchtune.training import compile_loss
+
+    from kobllla.losses import FusedLinearCrossEntropyLoss, ProjectionInput
+
+    dev, n, d, v = args.device, 4096, 4096, 128256
+    g = torch.Generator(device=dev).manual_seed(0)
+    h0 = torch.randn(1, n, d, device=dev, dtype=torch.bfloat16, generator=g)
+    w = torch.randn(v, d, device=dev, dtype=torch.bfloat16, generator=g).mul_(0.02)
+    labels = torch.randint(0, v, (1, n), device=dev, generator=g)
+    labels[0, -1] = -100
+    tt = compile_loss(CEWithChunkedOutputLoss(), verbose=False) if dev == "cuda" else CEWithChunkedOutputLoss()
+
+    def stock(h):
+        return tt([c @ w.t() for c in h.chunk(8, dim=1)], labels)
+
+    runs = {"torchtune_chunked_ce": stock}
+    for chunk in (1024, 2048, 4096):
+        fn = FusedLinearCrossEntropyLoss(chunk_size=chunk)
+        runs[f"kobllla_fused_chunk{chunk}"] = lambda h, fn=fn: fn(ProjectionInput(h, w), labels)
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        runs["liger_flce"] = lambda h: liger(w, h.reshape(-1, d), labels.reshape(-1))
+    except Exception as exc:  # noqa: BLE001 - recorded
+        runs["liger_flce"] = None
+        liger_error = f"{type(exc).__name__}: {exc}"
+    result: dict = {"shape": {"positions": n, "hidden": d, "vocab": v}}
+    ref_loss = ref_grad = None
+    for name, fn in runs.items():
+        if fn is None:
+            result[name] = {"error": liger_error}
+            continue
+        try:
+            times = []
+            for i in range(13):
+                h = h0.clone().requires_grad_(True)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                loss = fn(h)
+                loss.backward()
+                end.record()
+                torch.cuda.synchronize()
+                if i >= 3:
+                    times.append(start.elapsed_time(end))
+            entry = {"ms_median": _median(times), "ms_min": min(times), "loss": loss.item(),
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            if ref_loss is None:
+                ref_loss, ref_grad = loss.item(), h.grad.float()
+            else:
+                entry["rel_loss_diff"] = abs(loss.item() - ref_loss) / ref_loss
+                entry["rel_grad_diff"] = ((h.grad.float() - ref_grad).norm() / ref_grad.norm()).item()
+            result[name] = entry
+        except Exception as exc:  # noqa: BLE001 - recorded, the next one still runs
+            result[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        torch.cuda.reset_peak_memory_stats()
+        print(name, result[name], flush=True)
+    Path(args.result).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return 0
+
+
+def run_loss_micro(*, out: Path, device: str, timeout_s: float) -> dict:
+    result_path = out / "loss_micro.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "loss-micro", "--device", device,
+           "--result", str(result_path)]
+    rc = _run_logged(cmd, out / "loss_micro.log", env=os.environ.copy(), timeout_s=timeout_s)
+    if rc != 0 or not result_path.exists():
+        return {"rc": rc, "error": f"loss-micro exited {rc}; see loss_micro.log"}
+    return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
 
@@ -525,16 +665,16 @@ class Clock:
 
 
 def _ours_run(name: str, *, args: argparse.Namespace, ctx: dict, batch_size: int, compile_model: bool,
-              timeout_s: float) -> dict:
+              timeout_s: float, variant: str = "shipped") -> dict:
     run_dir = Path(args.work) / name
     cfg_path = run_dir / "config.yaml"
     write_recipe_config(cfg_path, model_dir=ctx["model_dir"], files=ctx["files"], csv_path=ctx["csv"], run_dir=run_dir,
                         preset=args.preset, seq_len=args.seq_len, batch_size=batch_size, steps=args.steps,
                         compile_model=compile_model, device=ctx["device"],
-                        dtype="bf16" if ctx["device"] == "cuda" else "fp32")
+                        dtype="bf16" if ctx["device"] == "cuda" else "fp32", variant=variant)
     result = run_ours(cfg_path=cfg_path, run_dir=run_dir, log_path=Path(args.out) / f"{name}.log", warmup=args.warmup,
                       positions_per_step=batch_size * args.seq_len, timeout_s=timeout_s)
-    return {"batch_size": batch_size, "compile": compile_model, **result}
+    return {"batch_size": batch_size, "compile": compile_model, "variant": variant, **result}
 
 
 def _prepare(args: argparse.Namespace, res: dict, device: str) -> dict:
@@ -576,14 +716,16 @@ def run_all(args: argparse.Namespace) -> dict:
     res["flops"] = {"matmul_params": n_mm, "per_position": fpp, "peak": peak}
     try:
         ctx = _prepare(args, res, device)
-        name = "ours-compiled" if args.compile else "ours-eager"
-        res[name] = _ours_run(name, args=args, ctx=ctx, batch_size=args.batch_size, compile_model=args.compile,
-                              timeout_s=min(args.ours_timeout_s, clock.left()))
-        _write_json(out / "results.json", res)
-        if "error" in res[name] and args.compile and clock.left() > 150:
-            res["ours-eager"] = _ours_run("ours-eager", args=args, ctx=ctx, batch_size=args.batch_size,
-                                          compile_model=False, timeout_s=min(args.ours_timeout_s, clock.left()))
-        if clock.left() > args.peer_needs_s:
+        for variant in args.variants:
+            name = f"ours-{variant}"
+            res[name] = _ours_run(name, args=args, ctx=ctx, batch_size=args.batch_size, compile_model=args.compile,
+                                  timeout_s=min(args.ours_timeout_s, clock.left() - 5), variant=variant)
+            _write_json(out / "results.json", res)
+        if args.loss_micro and clock.left() > 60:
+            res["loss-micro"] = run_loss_micro(out=out, device=device, timeout_s=min(120, clock.left()))
+        if args.peer_steps <= 0:
+            res["peer"] = {"error": "skipped: --peer-steps 0"}
+        elif clock.left() > args.peer_needs_s:
             res["peer"] = run_peer(args=args, model_dir=ctx["model_dir"], packs=ctx["packs"], out=out, device=device,
                                    timeout_s=clock.left())
         else:
@@ -592,12 +734,16 @@ def run_all(args: argparse.Namespace) -> dict:
         if args.extra_batch_size and clock.left() > args.extra_needs_s:
             name = f"ours-bs{args.extra_batch_size}"
             res[name] = _ours_run(name, args=args, ctx=ctx, batch_size=args.extra_batch_size,
-                                  compile_model=args.compile, timeout_s=clock.left())
+                                  compile_model=args.compile, timeout_s=clock.left(), variant=args.variants[0])
         elif args.extra_batch_size:
             res[f"ours-bs{args.extra_batch_size}"] = {"error": f"skipped: {clock.left():.0f} s left"}
     finally:
         runs = [k for k in res if k.startswith("ours-") or k == "peer"]
         res["figures"] = {k: figures(res[k], flops_per_position=fpp, peak=peak) for k in runs}
+        curves = {k: [r["loss"] for r in res[k]["steps"]] for k in runs if k.startswith("ours-") and "steps" in res[k]
+                  and res[k].get("batch_size") == args.batch_size}
+        if f"ours-{args.variants[0]}" in curves and len(curves) > 1:
+            res["loss_agreement"] = loss_agreement(curves, reference=f"ours-{args.variants[0]}", first=30)
         best = max((f["useful_tok_s_gpu"] for k, f in res["figures"].items() if k != "peer" and f), default=None)
         if best and res["figures"].get("peer"):
             res["figures"]["best_ours_over_peer"] = round(best / res["figures"]["peer"]["useful_tok_s_gpu"], 3)
@@ -612,6 +758,14 @@ def _write_json(path: Path, obj: object) -> None:
     tmp.replace(path)
 
 
+def _variant_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {bad or text!r}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command")
@@ -624,6 +778,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     peer.add_argument("--device", required=True)
     peer.add_argument("--result", required=True)
     peer.add_argument("--launched", type=float, required=True)
+    micro = sub.add_parser("loss-micro", help="internal: the output projection + loss timed alone")
+    micro.add_argument("--device", required=True)
+    micro.add_argument("--result", required=True)
     p.add_argument("--preset", default="llama3-8b", choices=["llama3-8b", "tiny"])
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=1)
@@ -631,7 +788,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of steady state (compilation)")
     p.add_argument("--peer-steps", type=int, default=12)
     p.add_argument("--peer-warmup", type=int, default=3)
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="our run eager (default: compiled)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="our runs eager (default: compiled)")
+    p.add_argument("--variants", type=_variant_list, default=["shipped"],
+                   help=f"comma-separated component sets to run, the first is the loss reference: {', '.join(VARIANTS)}")
+    p.add_argument("--loss-micro", action="store_true", help="also time the output projection + loss alone (GPU)")
     p.add_argument("--peer-pythonpath", default="", help="PYTHONPATH of the peer process (where peft is)")
     p.add_argument("--extra-batch-size", type=int, default=0, help="also run ours at this batch size (last, if time is left)")
     p.add_argument("--deadline-s", type=float, default=1e9, help="the whole benchmark's time budget (seconds)")
@@ -649,6 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "peer":
         return peer_main(args)
+    if args.command == "loss-micro":
+        return loss_micro_main(args)
     if args.steps < args.warmup + 2:
         print(f"error: --steps {args.steps} leaves nothing to measure after --warmup {args.warmup}; use >= warmup + 2")
         return 2

@@ -141,3 +141,40 @@ def test_recipe_config_is_the_shipped_one_with_the_benchmark_overrides(tmp_path)
     assert cfg["compile"] is True and cfg["enable_activation_checkpointing"] is False
     assert cfg["dataset"]["data_files"] == "/d.csv" and cfg["dataset"]["packed"] is True
     assert cfg["metric_logger"]["_component_"] == "bench.train_gpu.WallClockDiskLogger"
+
+
+def test_variants_swap_only_the_model_and_loss_components(tmp_path):
+    common = dict(model_dir=Path("/m"), files=["a.safetensors"], csv_path=Path("/d.csv"), run_dir=tmp_path / "run",
+                  seq_len=4096, batch_size=1, steps=50, compile_model=True, device="cuda", dtype="bf16")
+    shipped = bench.write_recipe_config(tmp_path / "s.yaml", preset="llama3-8b", **common)
+    stock = bench.write_recipe_config(tmp_path / "a.yaml", preset="llama3-8b", variant="stock", **common)
+    fp8 = bench.write_recipe_config(tmp_path / "b.yaml", preset="llama3-8b", variant="fp8", **common)
+    lora = {k: v for k, v in shipped["model"].items() if k not in ("_component_", "output", "fp8")}
+    assert stock["model"] == {"_component_": "torchtune.models.llama3.lora_llama3_8b", **lora}
+    assert stock["loss"] == {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"}
+    assert fp8["model"] == {"_component_": "kobllla.models.lora_llama3_8b", **lora, "output": "hidden", "fp8": True}
+    assert fp8["loss"] == {"_component_": "kobllla.losses.FusedLinearCrossEntropyLoss"}
+    for cfg in (stock, fp8):
+        rest = {k: v for k, v in cfg.items() if k not in ("model", "loss")}
+        assert rest == {k: v for k, v in shipped.items() if k not in ("model", "loss")}
+    tiny = bench.write_recipe_config(tmp_path / "t.yaml", preset="tiny", variant="fused", **common)
+    assert tiny["model"]["_component_"] == "kobllla.models.lora_llama3" and tiny["model"]["output"] == "hidden"
+    with pytest.raises(ValueError, match=r"unknown variant 'bf16'; choose from \['fp8', 'fused', 'shipped', 'stock'\]"):
+        bench.write_recipe_config(tmp_path / "x.yaml", preset="tiny", variant="bf16", **common)
+
+
+def test_loss_agreement_compares_each_run_with_the_reference_step_by_step():
+    got = bench.loss_agreement({"ref": [10.0, 8.0, 4.0], "a": [10.0, 8.08, 4.2], "short": [11.0]}, reference="ref",
+                               first=2)
+    assert got["a"]["steps_compared"] == 2 and got["a"]["max_rel_first_n"] == pytest.approx(0.01)
+    assert got["a"]["rel_last"] == pytest.approx(0.05) and got["a"]["last_step"] == 3
+    assert got["short"] == {"steps_compared": 1, "max_rel_first_n": pytest.approx(0.1), "last_step": 1,
+                            "rel_last": pytest.approx(0.1), "loss_last": 11.0, "reference_loss_last": 10.0}
+    with pytest.raises(ValueError, match=r"no reference run 'stock'; have \['a'\]"):
+        bench.loss_agreement({"a": [1.0]}, reference="stock", first=30)
+
+
+def test_variant_option_lists_the_valid_names():
+    assert bench.parse_args(["--variants", "stock,fp8"]).variants == ["stock", "fp8"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variants", "stock,fp16"])

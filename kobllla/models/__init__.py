@@ -1,0 +1,119 @@
+"""Model builders for the stage configs: torchtune's Llama 3 LoRA models with two speed options.
+
+- ``output="hidden"``: the model returns its final-norm hidden states and the output weight
+  (:class:`kobllla.losses.ProjectionInput`) instead of logits, for
+  :class:`kobllla.losses.FusedLinearCrossEntropyLoss`, which computes the 128,256-way projection,
+  the loss and its gradient chunk by chunk. The two go together in a config.
+- ``fp8=True``: the frozen base linears (q/k/v/o and the MLP; not the output projection, not the
+  LoRA adapters) run their matmuls in float8 with rowwise scales (``kobllla.models._fp8``). Needs
+  a GPU with float8 tensor cores (H100/H200, compute capability >= 8.9) for speed; on CPU it runs
+  (slowly) through the same ``torch._scaled_mm``.
+
+Weights, state-dict keys and checkpoints are torchtune's: a checkpoint saved by a run with
+either option loads into the stock builder and vice versa.
+
+Config::
+
+    model:
+      _component_: kobllla.models.lora_llama3_8b
+      lora_attn_modules: ['q_proj', 'v_proj']
+      lora_rank: 8
+      lora_alpha: 16
+      output: hidden          # with loss._component_: kobllla.losses.FusedLinearCrossEntropyLoss
+      fp8: False
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+from torchtune.modules import TransformerDecoder
+
+from kobllla.losses import ProjectionInput
+
+Output = Literal["logits", "hidden"]
+
+
+class HiddenStateDecoder(TransformerDecoder):
+    """A ``TransformerDecoder`` that leaves the output projection to the loss."""
+
+    def unembed(self, h):  # noqa: ANN001, ANN201 - torchtune's signature
+        return ProjectionInput(self.norm(h), self.output.weight)
+
+    def set_num_output_chunks(self, num_output_chunks: int) -> None:
+        raise ValueError(
+            "this model was built with output: hidden, which needs loss._component_: "
+            "kobllla.losses.FusedLinearCrossEntropyLoss (the config names CEWithChunkedOutputLoss); "
+            "set both or neither"
+        )
+
+
+def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool) -> TransformerDecoder:
+    if output not in ("logits", "hidden"):
+        raise ValueError(f"model.output must be 'logits' or 'hidden', got {output!r}")
+    if output == "hidden":
+        if type(model.output) is not nn.Linear:
+            raise ValueError(
+                f"output: hidden needs a plain untied output projection, got {type(model.output).__name__} "
+                "(apply_lora_to_output and tied embeddings are not supported with it)"
+            )
+        model.__class__ = HiddenStateDecoder
+    if fp8:
+        from kobllla.models._fp8 import convert_frozen_linears_to_fp8
+
+        convert_frozen_linears_to_fp8(model)
+    return model
+
+
+def lora_llama3_8b(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    *,
+    output: Output = "logits",
+    fp8: bool = False,
+) -> TransformerDecoder:
+    """torchtune's ``lora_llama3_8b`` with ``output`` and ``fp8`` (see the module docstring).
+
+    Raises:
+        ValueError: an unknown ``output``, ``output="hidden"`` with LoRA on the output projection.
+    """
+    from torchtune.models.llama3 import lora_llama3_8b as build
+
+    model = build(lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
+                  lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    return _adapt(model, output=output, fp8=fp8)
+
+
+def lora_llama3(
+    lora_attn_modules: list[str],
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    *,
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    embed_dim: int,
+    max_seq_len: int,
+    intermediate_dim: int | None = None,
+    norm_eps: float = 1e-5,
+    rope_base: int = 500_000,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_dropout: float = 0.0,
+    output: Output = "logits",
+    fp8: bool = False,
+) -> TransformerDecoder:
+    """torchtune's ``lora_llama3`` (any shape: the tiny test models) with ``output`` and ``fp8``."""
+    from torchtune.models.llama3 import lora_llama3 as build
+
+    model = build(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, vocab_size=vocab_size,
+                  num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, embed_dim=embed_dim,
+                  max_seq_len=max_seq_len, intermediate_dim=intermediate_dim, norm_eps=norm_eps, rope_base=rope_base,
+                  lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    return _adapt(model, output=output, fp8=fp8)

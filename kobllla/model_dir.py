@@ -83,12 +83,14 @@ def resolve_model_dir(model: Path, *, base: Path | None = None, scratch: Path | 
         ValueError: adapter-only without ``base``, an adapter config or tensor that does not fit the base.
     """
     model = Path(model)
+    if not model.is_dir():
+        check_loadable_files(model)  # raises: missing, or a file
     if has_full_weights(model):
         check_loadable_files(model)
         return model
-    adapter = adapter_weights_file(model) if model.is_dir() else None
+    adapter = adapter_weights_file(model)
     if adapter is None or not (model / ADAPTER_CONFIG).is_file():
-        if model.is_dir() and not (model / "config.json").is_file():
+        if not (model / "config.json").is_file():
             check_loadable_files(model)
         open_checkpoint(model)  # raises the checkpoint reader's one-line "no weights" message
         check_loadable_files(model)

@@ -88,25 +88,28 @@ def read_prompts(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} {'is a directory' if path.exists() else 'does not exist'}")
     rows, seen = [], {}
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _fail(path, line_no, f"not valid JSON ({exc.msg}, column {exc.colno}); "
-                                           "write one JSON object per line") from None
-            if not isinstance(obj, dict):
-                raise _fail(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
-            row = check_row(obj, where=f"{path}: line {line_no}: ")
-            key = row_key(row["id"])
-            if key in seen:
-                raise _fail(path, line_no, f"field 'id' {key} repeats line {seen[key]}; ids must be unique "
-                                           "(a rerun skips rows by id)")
-            seen[key] = line_no
-            row["line"] = line_no
-            rows.append(row)
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _fail(path, line_no, f"not UTF-8 text (byte {exc.start + 1}); save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _fail(path, line_no, f"not valid JSON ({exc.msg}, column {exc.colno}); "
+                                       "write one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise _fail(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
+        row = check_row(obj, where=f"{path}: line {line_no}: ")
+        key = row_key(row["id"])
+        if key in seen:
+            raise _fail(path, line_no, f"field 'id' {key} repeats line {seen[key]}; ids must be unique "
+                                       "(a rerun skips rows by id)")
+        seen[key] = line_no
+        row["line"] = line_no
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no prompt rows; write one JSON object per line")
     return rows

@@ -29,6 +29,13 @@ from kobllla.evaluation._report import (
     write_report,
 )
 from kobllla.evaluation._runner import evaluate_model
+from kobllla.evaluation._samples import (
+    answer_metrics,
+    parse_named_dirs,
+    read_sample_prompts,
+    summarize,
+    write_samples,
+)
 from kobllla.evaluation._store import latest_runs, load_history, load_run, load_runs, save_run
 from kobllla.evaluation._tasks import KMMLU_KOREAN_SUBSET, SUITES, TASKS, TaskSpec, resolve_tasks
 
@@ -38,4 +45,5 @@ __all__ = [
     "evaluate_model", "latest_runs", "load_history", "load_plan", "load_run", "load_runs", "perplexity",
     "perplexity_of_texts", "read_heldout", "render_chart", "render_markdown", "resolve_model",
     "resolve_tasks", "run_plan", "save_run", "write_report",
+    "answer_metrics", "parse_named_dirs", "read_sample_prompts", "summarize", "write_samples",
 ]

@@ -19,6 +19,9 @@ A plan (see ``eval/suites/*.yaml``)::
     limit: null
     num_fewshot: null
     scorer: hf
+    samples:           # optional: after the scores, eval.samples on these models (null: none)
+      prompts: eval/prompts             # default; models: [labels] (default all), out_dir: REPORT_DIR/samples
+      max_new_tokens: 256
 
 Relative paths are taken from the directory the command runs in (the repo root), like
 ``tune run`` configs.
@@ -30,11 +33,12 @@ from pathlib import Path
 
 from kobllla.evaluation._report import Comparison, compare_runs, write_report
 from kobllla.evaluation._runner import evaluate_model
+from kobllla.evaluation._samples import check_plan_samples, run_plan_samples
 from kobllla.evaluation._store import check_label, load_runs
 
 _DEFAULTS: dict = {
     "suites": [], "tasks": [], "data_dir": None, "heldout": {}, "compare": {}, "gates": None, "device": "auto",
-    "dtype": "auto", "batch_size": "auto", "limit": None, "num_fewshot": None, "scorer": "hf",
+    "dtype": "auto", "batch_size": "auto", "limit": None, "num_fewshot": None, "scorer": "hf", "samples": None,
 }
 _REQUIRED = ("models", "results_dir", "report_dir")
 
@@ -78,6 +82,7 @@ def check_plan(plan: dict, *, where: str = "plan") -> dict:
         for label in (candidate, baseline):
             if label not in plan["models"]:
                 raise ValueError(f"{where}: compare names {label!r}, which is not in models {sorted(plan['models'])}")
+    full["samples"] = check_plan_samples(full["samples"], plan, where=where)
     return full
 
 
@@ -96,6 +101,8 @@ def run_plan(plan: dict, *, evaluate: bool = True) -> Comparison | None:
                 batch_size=plan["batch_size"], limit=plan["limit"], num_fewshot=plan["num_fewshot"],
                 scorer=plan["scorer"], results_dir=Path(plan["results_dir"]),
             )
+        if plan["samples"]:
+            run_plan_samples(plan)  # side-by-side answers after the scores (eval.samples)
     if not plan["compare"]:
         return None
     runs = load_runs([Path(plan["results_dir"])])

@@ -50,7 +50,7 @@ from kobllla.conversations import SEED_TURN_SEPARATOR, Conversation, conversatio
 from kobllla.rows import iter_rows
 
 __all__ = ["ChatEndpoint", "Conversation", "FatalEndpointError", "InvalidRowsError", "Prompt", "RowError",
-           "RowsFailedError", "check_base_url", "parse_reply", "parse_speech_levels", "render_turns",
+           "RowsFailedError", "cache_key", "check_base_url", "parse_reply", "parse_speech_levels", "render_turns",
            "translate_dataset"]
 
 PROMPT_VERSION = "kolima-v1"
@@ -82,6 +82,7 @@ ROLES = ("USER", "ASSISTANT")
 SPEECH_LEVELS = ("banmal", "jondaetmal")
 _MARKER = re.compile(r"^<<<(SYSTEM|USER|ASSISTANT) (\d+)>>>[ \t]*$", re.MULTILINE)
 _URL = re.compile(r"https?://[^\s)>\]\"'`]+")
+_CODE = re.compile(r"```.*?(```|$)|`[^`\n]*`", re.DOTALL)  # fenced and inline code: not prose
 
 
 class RowsFailedError(ValueError):
@@ -171,7 +172,11 @@ def parse_reply(conv: Conversation, reply: str) -> tuple[str | None, tuple[str, 
 
 
 def check_speech_levels(turns: tuple[str, ...], levels: tuple[tuple[str, str], ...]) -> None:
-    """Raises a retryable error for the first turn whose speech level is known and not the wanted one."""
+    """Raises a retryable error for the first turn whose speech level (Kiwi, code left out) is not the wanted one.
+
+    A turn with no Korean sentence ending (code, English, a list of nouns) passes; a turn whose
+    sentences are split evenly between the levels (``mixed``) does not.
+    """
     if not levels:
         return
     from kobllla.korean import text_speech_level
@@ -179,9 +184,12 @@ def check_speech_levels(turns: tuple[str, ...], levels: tuple[tuple[str, str], .
     wanted = dict(levels)
     for i, turn in enumerate(turns):
         role = "user" if i % 2 == 0 else "assistant"
-        found = text_speech_level(turn) if role in wanted else None
-        if found is not None and found != wanted[role]:
-            raise Retryable(f"turn {ROLES[i % 2]} {i + 1} is in {found}, expected {wanted[role]}")
+        if role not in wanted:
+            continue
+        found = text_speech_level(_CODE.sub(" ", turn))
+        if found.level is not None and found.level != wanted[role]:
+            raise Retryable(f"turn {ROLES[i % 2]} {i + 1} is in {found.level} ({found.jondaetmal} jondaetmal, "
+                            f"{found.banmal} banmal sentences), expected {wanted[role]}")
 
 
 def cache_key(conv: Conversation, *, model: str, temperature: float, prompt: Prompt = Prompt()) -> str:

@@ -12,7 +12,8 @@ the k-th behaviour (the last one repeats):
 - ``hang``: sends nothing for ``hang_s`` seconds (the client must time out);
 - ``dropturn``: a reply missing its last turn; ``nofence``: a reply that loses code fences.
 
-Every request is logged as (first turn, behaviour) in ``server.log``.
+Every request is logged as (first turn, behaviour) in ``server.log``, its system message in
+``server.system_prompts``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class FakeChatServer:
     def __init__(self, *, api_key: str | None = None, delay_s: float = 0.0, hang_s: float = 2.0) -> None:
         self.api_key, self.delay_s, self.hang_s = api_key, delay_s, hang_s
         self.log: list[tuple[str, str]] = []
+        self.system_prompts: list[str] = []  # the system message of every request
         self.attempts: Counter = Counter()
         self.lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", 0), self._handler())
@@ -109,6 +111,8 @@ class FakeChatServer:
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     return self._error(401, "Incorrect API key provided")
                 content = request["messages"][-1]["content"]
+                with server.lock:
+                    server.system_prompts += [m["content"] for m in request["messages"] if m["role"] == "system"]
                 behaviour = server.behaviour(_turns(content)[0][2] if _turns(content) else content)
                 time.sleep(server.delay_s)
                 self._act(request, content, behaviour)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -15,8 +16,12 @@ from kobllla.translate import (
     ChatEndpoint,
     Conversation,
     FatalEndpointError,
+    InvalidRowsError,
+    Prompt,
     RowsFailedError,
+    cache_key,
     parse_reply,
+    parse_speech_levels,
     render_turns,
     translate_dataset,
 )
@@ -231,7 +236,8 @@ def test_a_wrong_url_is_fatal_and_names_the_fix(tmp_path):
     ("content", "match"),
     [('{"conversation": ["q", "a"], "source": "x"}\n',
       r"^1 of 1 rows are not chat rows the dataset builders accept, nothing was sent: lima.jsonl line 1: "
-      r"no field 'conversations' \(fields: conversation, source\); pass --field NAME; fix them, or pass --skip-invalid"),
+      r"no field 'conversations' \(fields: conversation, source\); pass --field NAME; "
+      r"fix them, or pass --skip-invalid"),
      ('{"conversations": ["q", "a"]}\n\n{"conversations": ["q", "a", "q2"]}\n',
       r"^1 of 2 rows .*: lima.jsonl line 3: field 'conversations' has 3 turns; expected user/assistant pairs"),
      ('{"conversations": ["q", ""]}\n', r"lima.jsonl line 1: conversations\[1\] is empty"),
@@ -243,7 +249,8 @@ def test_bad_input_rows_are_refused_naming_file_row_and_field(tmp_path, content,
     (tmp_path / "lima.jsonl").write_text(content, encoding="utf-8")
     ep = ChatEndpoint(base_url="http://127.0.0.1:9/v1", model="m")  # never contacted
     with pytest.raises(ValueError, match=match):
-        translate_dataset(input_path=tmp_path / "lima.jsonl", output_path=tmp_path / "o.jsonl", endpoint=ep, progress=False)
+        translate_dataset(input_path=tmp_path / "lima.jsonl", output_path=tmp_path / "o.jsonl", endpoint=ep,
+                          progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lima.jsonl"]
 
 
@@ -267,7 +274,8 @@ def test_cli_exits_1_when_rows_fail(tmp_path, capsys):
         rc = main(["--input", str(src), "--output", str(tmp_path / "k.jsonl"), "--base-url", server.base_url,
                    "--model", "m", "--max-attempts", "2", "--backoff", "0", "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 1 and err.startswith("error: 1 of 3 rows failed (first: lima.jsonl line 3: HTTP 500") and err.count("\n") == 1
+    assert err.startswith("error: 1 of 3 rows failed (first: lima.jsonl line 3: HTTP 500")
+    assert rc == 1 and err.count("\n") == 1
 
 
 # ---------------------------------------------------------------- feeds the dataset builders
@@ -287,3 +295,98 @@ def test_output_feeds_kolima_and_bilima_datasets(tmp_path, llama3_tok):
     bi_text = llama3_tok.decode([int(t) for t in bi[1]["tokens"]])
     assert "번역(반말): Question 1?" in ko_text and "번역(존댓말): Answer 1." in ko_text
     assert "Question 1?" in bi_text and "번역(반말)" not in bi_text and "번역(존댓말): Answer 1." in bi_text
+
+
+# ---------------------------------------------------------------- rows the builders refuse, endpoints that cannot work
+
+
+def test_rows_the_builders_refuse_are_all_listed_before_any_request_or_skipped_on_request(tmp_path):
+    rows = lima_rows(4)
+    rows[1]["conversations"] = ["Question 1?", "Answer 1.", "A third turn?"]
+    rows[3]["conversations"] = ["Question 3?", "  "]
+    with FakeChatServer() as server:
+        with pytest.raises(InvalidRowsError, match=r"^2 of 4 rows are not chat rows the dataset builders accept, "
+                           r"nothing was sent: lima.jsonl line 2: field 'conversations' has 3 turns; .*; "
+                           r"lima.jsonl line 4: conversations\[1\] is empty; .*pass --skip-invalid"):
+            run(tmp_path, rows, server)
+        assert server.log == [] and sorted(p.name for p in tmp_path.iterdir()) == ["lima.jsonl"]
+        m = run(tmp_path, rows, server, skip_invalid=True)
+    assert read_jsonl(tmp_path / "kolima.jsonl") == [expected(rows[0]), expected(rows[2])]
+    assert (m["rows_in"], m["rows_out"], len(m["skipped_invalid"])) == (4, 2, 2)
+    assert m["skipped_invalid"][0].startswith("lima.jsonl line 2: field 'conversations' has 3 turns")
+
+
+def test_nothing_listening_stops_the_run_at_once(tmp_path):
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ep = ChatEndpoint(base_url=f"http://127.0.0.1:{port}/v1", model="m", backoff_s=5.0)
+    start = time.monotonic()
+    with pytest.raises(FatalEndpointError, match=rf"^cannot connect to http://127.0.0.1:{port}/v1/chat/completions: "
+                       r"connection refused; start the server or fix --base-url$"):
+        translate_dataset(input_path=write_jsonl(tmp_path / "lima.jsonl", lima_rows(20)),
+                          output_path=tmp_path / "kolima.jsonl", endpoint=ep, progress=False)
+    assert time.monotonic() - start < 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lima.jsonl"]
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "127.0.0.1:8000/v1", "ftp://host/v1"])
+def test_a_url_without_an_http_scheme_is_refused_before_any_request(url):
+    with pytest.raises(ValueError, match=r"is not an http:// or https:// URL; pass e.g. http://localhost:8000/v1"):
+        ChatEndpoint(base_url=url, model="m")
+
+
+def test_an_endpoint_that_dies_mid_run_stops_the_run_after_give_up_after(tmp_path):
+    rows = lima_rows(4, {1: "500", 2: "500", 3: "500"})
+    with FakeChatServer() as server:
+        ep = endpoint(server, give_up_after_s=0.6, max_attempts=10_000, backoff_s=0.05, sleep=None)
+        start = time.monotonic()
+        with pytest.raises(FatalEndpointError, match=r"^no request to .* has succeeded for [01] s "
+                           r"\(last error: HTTP 500\); the endpoint looks down: finished rows are cached, "
+                           r"rerun the same command to resume"):
+            run(tmp_path, rows, server, ep=ep, concurrency=1)
+        elapsed = time.monotonic() - start
+    assert 0.6 <= elapsed < 5
+    cached = read_jsonl(tmp_path / "kolima.jsonl.cache.jsonl")
+    assert [e["turns"][0] for e in cached] == [expected(rows[0])["conversations"][0]]
+    assert not (tmp_path / "kolima.jsonl").exists()
+
+
+def test_instructions_replace_the_translation_rules_and_wrong_speech_levels_are_retried_then_listed(tmp_path):
+    rules = tmp_path / "rules.txt"
+    rules.write_text("Rewrite every turn as a pirate would say it.\n", encoding="utf-8")
+    prompt = Prompt.from_file(rules, parse_speech_levels("user=banmal, assistant=jondaetmal"))
+    rows = [{"conversations": ["밥 먹었어?", "네, 먹었습니다."]},
+            {"conversations": ["밥 드셨어요?", "Yes."]},  # the user speaks jondaetmal: wrong for KoLIMA
+            {"conversations": ["뭐 해?", "공부한다."]}]   # the assistant speaks plain -다: banmal
+    with FakeChatServer() as server:
+        with pytest.raises(RowsFailedError, match=r"^2 of 3 rows failed \(first: lima.jsonl line 2: turn USER 1 is "
+                           r"in jondaetmal \(1 jondaetmal, 0 banmal sentences\), expected banmal "
+                           r"\(gave up after 3 attempts\)\)"):
+            run(tmp_path, rows, server, ep=endpoint(server, max_attempts=3), prompt=prompt)
+        assert [server.attempts[r["conversations"][0]] for r in rows] == [1, 3, 3]
+        assert set(server.system_prompts) == {prompt.text}
+        assert prompt.text.startswith("Rewrite every turn as a pirate would say it.\n\nReply format: ")
+    assert read_jsonl(tmp_path / "kolima.jsonl.errors.jsonl")[1] == {
+        "line": 3, "reason": "turn ASSISTANT 2 is in banmal (0 jondaetmal, 1 banmal sentences), expected jondaetmal "
+                             "(gave up after 3 attempts)"}
+    assert cache_key(Conversation(RowRef("x", 1), None, ("a", "b")), model="m", temperature=0.3, prompt=prompt) != \
+        cache_key(Conversation(RowRef("x", 1), None, ("a", "b")), model="m", temperature=0.3)
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("user=formal", r"'user=formal' must be ROLE=LEVEL with ROLE user or assistant and LEVEL one of banmal, "
+                    r"jondaetmal"),
+    ("system=banmal", r"'system=banmal' must be ROLE=LEVEL"),
+    (",", r"needs ROLE=LEVEL pairs")])
+def test_bad_speech_level_settings_are_refused(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_speech_levels(text)
+
+
+def test_missing_or_empty_instructions_file_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--instructions .*nope.txt: no such file"):
+        Prompt.from_file(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"--instructions .*empty.txt: the file is empty"):
+        Prompt.from_file(tmp_path / "empty.txt")

@@ -196,6 +196,23 @@ def test_bad_model_specs_are_refused(specs, message):
         parse_named_dirs(specs)
 
 
+def test_every_model_dir_is_checked_before_the_first_model_generates(two_models, tmp_path):
+    import shutil
+
+    from kobllla.generation import GenerationOptions
+
+    broken = tmp_path / "no-tokenizer"
+    shutil.copytree(two_models["m1"], broken)
+    for f in broken.glob("tokenizer*"):
+        f.unlink()
+    rows = read_sample_prompts(_write_prompts(tmp_path / "p.jsonl", THREE[:1]))
+    with pytest.raises(FileNotFoundError, match=r"^model b: model .*no-tokenizer: has original/tokenizer\.model but "
+                                                r"no tokenizer\.json"):
+        write_samples({"a": two_models["m0"], "b": broken}, rows, GenerationOptions(max_new_tokens=2),
+                      tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+
+
 def test_cli_refuses_a_model_without_name_and_an_output_over_an_input(tmp_path, capsys, two_models):
     code, err = _cli(["--model", str(two_models["m0"]), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "expected NAME=DIR" in err and "Traceback" not in err

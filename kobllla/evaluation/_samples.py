@@ -162,6 +162,24 @@ def parse_named_dirs(specs: list[str], *, flag: str = "--model") -> dict[str, Pa
     return out
 
 
+def check_model_dir(name: str, model: Path, *, base: Path | None = None) -> None:
+    """Refuses (cheaply, before any generation) a dir :func:`kobllla.generation.load_model` would refuse.
+
+    Raises:
+        FileNotFoundError / ValueError: ``model NAME: ...`` and the fix (missing config or tokenizer files,
+            no weights, an adapter-only ``epoch_N/`` without ``base``).
+    """
+    from kobllla.model_dir import adapter_weights_file, check_loadable_files, has_full_weights, resolve_model_dir
+
+    try:
+        if not has_full_weights(model) and model.is_dir() and adapter_weights_file(model) and base is not None:
+            check_loadable_files(base, role="base")  # the adapter is merged into it when the model loads
+        else:
+            resolve_model_dir(model)  # no merge without a base: checks files only
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(f"model {name}: {exc}") from None
+
+
 def generate_answers(name: str, model_dir: Path, rows: list[dict], options, *, base: Path | None = None,
                      progress: bool = True) -> list[dict]:
     """One model's answer records (generation output + metrics), in prompt order."""
@@ -218,6 +236,8 @@ def write_samples(models: dict[str, Path], rows: list[dict], options, out_dir: P
     refuse_output_over_inputs(out_dir, [*models.values(), base, prompts])
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pick another --out or pass --overwrite to replace it")
+    for name, model_dir in models.items():
+        check_model_dir(name, Path(model_dir), base=base)  # every model before the first one generates
     records = []
     for name, model_dir in models.items():
         records.extend(generate_answers(name, Path(model_dir), rows, options, base=base, progress=progress))

@@ -153,7 +153,7 @@ def test_translate_lists_rows_the_builders_refuse_by_line_and_sends_nothing_unle
 
 
 def test_dataset_builders_and_translate_name_the_same_line(tmp_path):
-    """kolima_dataset reads rows through kobllla.conversations.read_conversations: the same line, blank lines counted."""
+    """kolima_dataset reads rows through kobllla.conversations.read_conversations: same line, blanks counted."""
     src = write_jsonl(tmp_path / "k.jsonl", [*lima(1), None, None, {"conversations": ["q"]}])
     code = ("from kobllla.conversations import read_conversations as r; "
             f"list(r({str(src)!r}, data_files=None, split='train', conversation_column='conversations', "

@@ -21,7 +21,8 @@ listener-facing level of the **last sentence-final ending** (Kiwi's ``EF`` tag),
   counting it as banmal is what the metric needs. A clause left open by a connective ending
   (``먹었는데``, ``했다고``) is banmal too; with ``요`` after it, jondaetmal.
 * ``None``: no Korean final ending at all: English only, a noun phrase (``요약:``), an interjection
-  (``네``, ``응``), an unfinished quotation.
+  (``네``, ``응``, and ``그래``, which Kiwi reads as one), an unfinished quotation. An interjection that
+  carries the polite ``요`` (``그럼요``, ``아니요``) is jondaetmal.
 
 Honorific ``-시-`` does not change the level: ``선생님 가셨어?`` honours the teacher but speaks banmal
 to the listener. Quotes (``"..."``, ``'...'``, ``「...」``) are skipped unless the whole sentence is one.
@@ -116,8 +117,8 @@ def speech_level(sentence: str) -> SpeechLevel | None:
     last = _final_morpheme(_outside_quotes(tokens)) or _final_morpheme(tokens)
     if last is None:
         return None
-    if last.tag == "JX" and last.form == "요":
-        return "jondaetmal"
+    if (last.tag == "JX" and last.form == "요") or (last.tag == "IC" and last.form.endswith("요")):
+        return "jondaetmal"  # 먹었는데요, 저요; interjections with the polite 요: 그럼요, 아니요
     if last.tag in _ENDING_TAGS:
         return _level_of_ending(last.form)
     return None

@@ -272,7 +272,7 @@ def test_malformed_local_row_names_file_row_and_field(models, tmp_path):
     rows = _rows(path)
     rows[1]["mc2_targets"]["labels"] = rows[1]["mc2_targets"]["labels"][:-1]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"validation\.jsonl row 2: field 'mc2_targets\.labels' has 3 labels for 4 choices"):
+    with pytest.raises(ValueError, match=r"validation\.jsonl line 2: field 'mc2_targets\.labels' has 3 labels for 4 choices"):
         evaluate_model(models["base"], label="x", suites=["english_retention"], data_dir=data, device="cpu",
                        results_dir=tmp_path / "res")
     assert not (tmp_path / "res").exists()

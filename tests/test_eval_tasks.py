@@ -118,7 +118,7 @@ def test_a_row_breaking_the_schema_names_file_row_and_field(tmp_path, schema, ro
     good = {"kobest_boolq": {"paragraph": "p", "question": "q", "label": 1}}.get(schema)
     lines = ([json.dumps(good, ensure_ascii=False)] if good else []) + [json.dumps(row, ensure_ascii=False)]
     path = _write(tmp_path, lines)
-    with pytest.raises(ValueError, match=rf"test\.jsonl row {len(lines)}: {problem}; fix the row"):
+    with pytest.raises(ValueError, match=rf"test\.jsonl line {len(lines)}: {problem}; fix the row"):
         validate_jsonl(path, SCHEMAS[schema])
 
 

@@ -52,7 +52,7 @@ def _read_jsonl_texts(path: Path) -> list[str]:
     docs = []
     for row_no, row in iter_jsonl(path):
         if not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise ValueError(f"{path} row {row_no}: field 'text' must be a non-empty string")
+            raise ValueError(f"{path} line {row_no}: field 'text' must be a non-empty string")
         docs.append(row["text"])
     return docs
 

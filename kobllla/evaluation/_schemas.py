@@ -102,7 +102,7 @@ def validate_jsonl(path: Path, checks: list[Check]) -> int:
         for check in checks:
             problem = check(row)
             if problem:
-                raise ValueError(f"{path} row {row_no}: {problem}; fix the row to match the dataset's schema")
+                raise ValueError(f"{path} line {row_no}: {problem}; fix the row to match the dataset's schema")
         n_rows += 1
     if n_rows == 0:
         raise ValueError(f"{path} has no rows; write one JSON object per line")

@@ -33,6 +33,7 @@ once, on first use, and shared.
 
 from __future__ import annotations
 
+import re
 import threading
 import unicodedata
 from dataclasses import dataclass
@@ -166,6 +167,16 @@ def text_speech_level(text: str) -> TextSpeechLevel:
     else:
         level = "mixed"
     return TextSpeechLevel(level=level, jondaetmal=jon, banmal=ban, sentences=len(sentences))
+
+
+_FENCED = re.compile(r"^[ \t]*(```|~~~).*?(^[ \t]*\1[ \t]*$|\Z)", re.S | re.M)
+_INLINE = re.compile(r"`[^`\n]+`")
+
+
+def strip_code(text: str) -> str:
+    """``text`` without Markdown code: fenced blocks (```` ``` ```` / ``~~~``, an unclosed one to the end) and
+    inline spans, each replaced by a space. A Korean answer that shows Python code is still Korean prose."""
+    return _INLINE.sub(" ", _FENCED.sub(" ", text))
 
 
 def _is_hangul(ch: str) -> bool:

@@ -6,7 +6,15 @@ import csv
 
 import pytest
 
-from kobllla.korean import detect_lang, hangul_share, kiwi, letter_counts, speech_level, text_speech_level
+from kobllla.korean import (
+    detect_lang,
+    hangul_share,
+    kiwi,
+    letter_counts,
+    speech_level,
+    strip_code,
+    text_speech_level,
+)
 
 
 def _fixture_rows(assets) -> list[dict]:
@@ -72,3 +80,9 @@ def test_detect_lang_splits_at_half_the_letters():
     assert detect_lang("서울 isn't") == "en"
     assert detect_lang("서울 is", threshold=0.6) == "en"
     assert detect_lang("", threshold=0.5) is None
+
+
+def test_strip_code_drops_fenced_blocks_and_inline_spans_only():
+    assert strip_code("앞\n```py\nx = 1\n```\n뒤 `y` 끝") == "앞\n \n뒤   끝"
+    assert strip_code("앞\n~~~\nunclosed to the end") == "앞\n "
+    assert strip_code("no fence here: a ``` b") == "no fence here: a ``` b"

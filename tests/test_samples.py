@@ -68,6 +68,14 @@ def test_answer_metrics_of_banmal_and_of_english_answers():
                                          "speech_level": None, "jondaetmal_sentences": None, "banmal_sentences": None}
 
 
+def test_markdown_code_is_left_out_of_the_language_and_speech_level():
+    answer = "슬라이스를 쓰면 돼요.\n\n```python\nreversed_numbers = numbers[::-1]\nprint(reversed_numbers)\n```\n" \
+             "`reversed()` 함수도 있어요."
+    m = answer_metrics(answer, "ko")
+    assert (m["hangul_share"], m["lang"], m["speech_level"], m["jondaetmal_sentences"]) == (1.0, "ko", "jondaetmal", 2)
+    assert answer_metrics("`print(1)`", "en")["lang"] == "en"  # code only: measured on the code
+
+
 def test_summary_rates_count_korean_answers_without_a_final_ending_as_not_jondaetmal():
     texts = [("서울입니다.", "ko", "eos"), ("서울이야.", "ko", "eos"), ("서울", "ko", "max_new_tokens"),
              ("Seoul.", "ko", "eos")]
@@ -101,13 +109,18 @@ def test_samples_of_two_models_side_by_side_with_metrics_from_the_real_answers(t
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [(r["model"], r["id"]) for r in records] == [(m, i) for m in ("m0", "m1") for i in ("k1", "e1", "r1")]
     tok = AutoTokenizer.from_pretrained(str(two_models["m0"]))
+    checked = 0
     for rec in records:
         body = rec["token_ids"][:-1] if rec["stop_reason"] == "eos" else rec["token_ids"]
         assert rec["text"] == tok.decode(body, skip_special_tokens=True)
         assert rec["new_tokens"] == len(rec["token_ids"]) and 1 <= rec["new_tokens"] <= 6
+        if "`" in rec["text"] or "~~~" in rec["text"]:
+            continue  # Markdown code is left out of the measure: tested on fixed strings
+        checked += 1
         hangul, latin = _hangul_latin_by_unicode_names(rec["text"])
         expected = None if hangul + latin == 0 else round(hangul / (hangul + latin), 4)
         assert rec["hangul_share"] == expected, rec["text"]
+    assert checked >= 4
     assert {r["expect_lang"] for r in records if r["id"] == "r1"} == {"en"}  # taken from kind ko_en
     assert summary["models"] == summarize(records, ["m0", "m1"])
     assert json.loads((out / "summary.json").read_text(encoding="utf-8")) == summary

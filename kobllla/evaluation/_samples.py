@@ -14,9 +14,10 @@ A prompt row is a ``kobllla.generation`` prompt row (``id`` + ``messages`` or ``
 ``expect_lang`` takes it from ``kind`` (the answer side: ``ko``, ``en_ko`` -> ``ko``; ``en``, ``ko_en`` ->
 ``en``); a row with neither is refused, so no answer is ever scored against a guessed language.
 
-Per answer: the Hangul share of its letters (:func:`kobllla.korean.hangul_share`), the detected
-language (``ko`` at a share >= 0.5) and whether it matches ``expect_lang``, the speech level of a
-Korean answer (:func:`kobllla.korean.text_speech_level`, the majority of its sentences), the new
+Per answer (its Markdown code left out): the Hangul share of its letters
+(:func:`kobllla.korean.hangul_share`), the detected language (``ko`` at a share >= 0.5) and whether
+it matches ``expect_lang``, the speech level of a Korean answer
+(:func:`kobllla.korean.text_speech_level`, the majority of its sentences), the new
 tokens and the stop reason. Per model: the rate of answers in the expected language, the rate of
 Korean answers (detected ``ko``) whose level is jondaetmal (a Korean answer with no final ending
 counts as not jondaetmal), and the rate that stopped at a stop token (``eos``).
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from kobllla.atomic import atomic_output_dir, refuse_output_over_inputs, write_json
 from kobllla.evaluation._store import check_label
-from kobllla.korean import detect_lang, hangul_share, text_speech_level
+from kobllla.korean import detect_lang, hangul_share, strip_code, text_speech_level
 
 KIND_LANG = {"ko": "ko", "en": "en", "en_ko": "ko", "ko_en": "en"}  # kind -> language of the answer
 LANGS = ("ko", "en")
@@ -97,7 +98,14 @@ def prompt_text(row: dict) -> str:
 
 
 def answer_metrics(text: str, expect_lang: str) -> dict:
-    """Language and speech-level measures of one answer (see the module docstring)."""
+    """Language and speech-level measures of one answer (see the module docstring).
+
+    Markdown code (fenced blocks, inline spans) is left out of both measures when the rest has letters:
+    the language of an answer is the language of its prose.
+    """
+    prose = strip_code(text)
+    if hangul_share(prose) is not None:
+        text = prose
     share = hangul_share(text)
     lang = detect_lang(text)
     level = text_speech_level(text) if lang == "ko" else None

@@ -172,7 +172,9 @@ def iter_rows(
                 f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it as UTF-8"
             ) from None
         if count == 0:
-            raise ValueError(f"{path}: the file has no rows; point data_files at a non-empty file")
+            raise ValueError(
+                f"{path}: the file has no rows (empty, blank lines or a header only); pass a file with rows"
+            )
 
 
 def _iter_hub(source: str, *, name: str | None, split: str) -> Iterator[tuple[RowRef, Row]]:

@@ -264,9 +264,9 @@ class TranslationCache:
         try:  # fail now, not after the first paid reply, when the directory is not writable
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.touch()
-        except PermissionError:
-            raise PermissionError(f"cannot write the cache {self.path}: permission denied; pick an --output "
-                                  "(or --cache) in a directory you can write") from None
+        except OSError as exc:
+            raise OSError(f"cannot write the cache {self.path} ({exc.strerror or exc}); pick an --output "
+                          "(or --cache) in a directory you can write") from None
 
     def _load(self) -> None:
         data = self.path.read_bytes()

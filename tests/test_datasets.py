@@ -313,3 +313,29 @@ def test_malformed_jsonl_line_is_named(tmp_path, llama3_tok):
 def test_window_length_is_required(assets, llama3_tok):
     with pytest.raises(ValueError, match=r"needs a window length: set tokenizer.max_seq_len or dataset.max_seq_len"):
         kowikitext_dataset(llama3_tok, source=str(assets / "kowiki_tiny.csv"))
+
+
+def test_rows_are_named_by_the_physical_line_they_start_on_whatever_the_file_looks_like(tmp_path):
+    from kobllla.rows import iter_rows
+
+    csv_file = tmp_path / "bom.csv"  # a BOM, CRLF, a quoted field over two lines, a blank line
+    csv_file.write_bytes('\ufefftext\r\n"가나\r\n다"\r\n\r\n라마\r\n'.encode())
+    assert [(str(ref), row) for ref, row in iter_rows(str(csv_file))] == [
+        ("bom.csv line 2", {"text": "가나\r\n다"}), ("bom.csv line 5", {"text": "라마"})]
+    jsonl = tmp_path / "crlf.jsonl"
+    jsonl.write_bytes('\ufeff{"a": 1}\r\n\r\n{"a": 2}\r\n'.encode())
+    assert [(str(ref), row) for ref, row in iter_rows(str(jsonl))] == [("crlf.jsonl line 1", {"a": 1}),
+                                                                      ("crlf.jsonl line 3", {"a": 2})]
+    f = write_jsonl(tmp_path / "k.jsonl", [{"conversations": ["a", "b"]}])
+    f.write_text(f.read_text(encoding="utf-8") + '\n\n{"conversations": ["a"]}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"^k\.jsonl line 4: field 'conversations' has 1 turns"):
+        kolima_dataset(make_llama3_tokenizer(), source=str(f))
+
+
+def test_a_header_only_csv_or_a_directory_is_refused(tmp_path, llama3_tok):
+    (tmp_path / "h.csv").write_text("text\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"h\.csv: the file has no rows \(empty, blank lines or a header only\)"):
+        kowikitext_dataset(llama3_tok, source=str(tmp_path / "h.csv"), max_seq_len=16)
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"d\.csv: is a directory; point data_files/source at a file in it"):
+        kowikitext_dataset(llama3_tok, source="csv", data_files=str(tmp_path / "d.csv"), max_seq_len=16)

@@ -19,7 +19,7 @@ A plan (see ``eval/suites/*.yaml``)::
     limit: null
     num_fewshot: null
     scorer: hf
-    samples:           # optional: after the scores, eval.samples on these models (null: none)
+    samples:           # optional: after the scores, eval.samples (null: none; --report-only skips it)
       prompts: eval/prompts             # default; models: [labels] (default all), out_dir: REPORT_DIR/samples
       max_new_tokens: 256
 

@@ -15,6 +15,7 @@ from kobllla.korean import speech_level
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = REPO / "eval" / "prompts"
+HELDOUT_KO = REPO / "tests" / "assets" / "eval" / "heldout" / "ko.txt"
 
 
 @pytest.fixture(scope="module")
@@ -254,15 +255,15 @@ def test_plan_samples_default_to_every_model_and_refuse_unknown_labels_and_keys(
         check_plan({**base, "samples": {"max_tokens": 8}})
 
 
-def test_plan_samples_are_written_under_the_report_dir(two_models, tmp_path):
-    from kobllla.evaluation import check_plan
-    from kobllla.evaluation._samples import run_plan_samples
+def test_a_plan_writes_its_samples_under_the_report_dir_after_the_scores(two_models, tmp_path):
+    from kobllla.evaluation import load_history, run_plan
 
     prompts = _write_prompts(tmp_path / "p.jsonl", THREE[:1])
-    plan = check_plan({"models": {k: str(v) for k, v in two_models.items()}, "results_dir": str(tmp_path / "r"),
-                       "report_dir": str(tmp_path / "rep"), "device": "cpu",
-                       "samples": {"prompts": str(prompts), "models": ["m1"], "max_new_tokens": 2}})
-    summary = run_plan_samples(plan)
+    plan = {"models": {k: str(v) for k, v in two_models.items()}, "heldout": {"ko": str(HELDOUT_KO)},
+            "device": "cpu", "results_dir": str(tmp_path / "res"), "report_dir": str(tmp_path / "rep"),
+            "samples": {"prompts": str(prompts), "models": ["m1"], "max_new_tokens": 2}}
+    assert run_plan(plan) is None  # compares nothing
+    assert [h["label"] for h in load_history(tmp_path / "res")] == ["m0", "m1"]  # the scores came first
+    summary = json.loads((tmp_path / "rep" / "samples" / "summary.json").read_text(encoding="utf-8"))
     assert list(summary["models"]) == ["m1"] and summary["models"]["m1"]["answers"] == 1
-    assert (tmp_path / "rep" / "samples" / "samples.md").is_file()
-    run_plan_samples(plan)  # a rerun of the plan replaces its samples
+    assert (tmp_path / "rep" / "samples" / "samples.html").is_file()

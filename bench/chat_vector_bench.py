@@ -22,6 +22,17 @@ Every output is then compared, element by element (bit patterns), with the refer
 (safetensors ``safe_open``, one tensor at a time). Before each tool runs, the input files are
 read once so every tool starts with them in the page cache. Results: a markdown table on
 stdout and ``WORK/results.json``.
+
+``cold`` measures kobllla alone at a larger shape with the page cache dropped before each run
+(the GPU host's 16 cores; needs root for ``/proc/sys/vm/drop_caches``)::
+
+    python3 bench/chat_vector_bench.py cold --work /root/cv --out-dir /dev/shm --preset llama3-8b
+
+It writes three inputs of the preset's shape fast (header planned by kobllla, then a 64 MiB
+block of N(0, 0.02) bf16 values, a different one per model, repeated: the merge's speed does not
+depend on the values), then runs the default command, ``--no-hash --workers 8`` and, while time
+allows, the default again warm, each under ``os.wait4`` (wall, CPU, peak RSS); it checks that the
+manifest's sha256 of one input and one output file equal hashlib's. JSON lines on stdout.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -216,8 +228,122 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def write_fast_inputs(work: Path, preset: str) -> dict[str, Path]:
+    """Three checkpoints of ``preset``'s shape, 5 GB shards, written at disk speed (in parallel)."""
+    from kobllla.checkpoint_io import INDEX_NAME, plan_shards, write_json
+    from kobllla.tiny_model import PRESETS, hf_config, hf_tensor_shapes
+
+    shape = PRESETS[preset]
+    shards = plan_shards([(n, torch.bfloat16, s) for n, s in hf_tensor_shapes(shape)], max_shard_bytes=5 * 10**9)
+
+    def one(role: str, seed: int) -> Path:
+        out = work / role
+        out.mkdir(parents=True, exist_ok=True)
+        block = (torch.randn(32 * 2**20, generator=torch.Generator().manual_seed(seed)) * 0.02).to(torch.bfloat16)
+        view = memoryview(block.view(torch.uint8).numpy())
+        for shard in shards:
+            with open(out / shard.file_name, "wb") as handle:
+                handle.write(shard.header)
+                left = shard.data_bytes
+                while left:
+                    left -= handle.write(view[:min(left, len(view))])
+        write_json(out / INDEX_NAME, {"metadata": {"total_size": sum(s.data_bytes for s in shards)},
+                                      "weight_map": {n: s.file_name for s in shards for n in s.names}})
+        write_json(out / "config.json", hf_config(shape, flavor="instruct" if role == "instruct" else "base",
+                                                  dtype="bfloat16"))
+        return out
+
+    with ThreadPoolExecutor(3) as pool:
+        jobs = {role: pool.submit(one, role, seed) for seed, role in enumerate(("base", "instruct", "target"))}
+        return {role: job.result() for role, job in jobs.items()}
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+# Runs argv[2:] and writes its wall time, CPU time and peak RSS to argv[1]. A separate small
+# process: a child forked from this one (torch imported, 64 MiB blocks made) would report this
+# process's RSS at the fork as its own peak (Linux carries the old mm's high-water mark over exec).
+_WAIT4 = """import json, os, subprocess, sys, time
+t = time.perf_counter()
+proc = subprocess.Popen(sys.argv[2:])
+_, status, ru = os.wait4(proc.pid, 0)
+json.dump({"rc": os.waitstatus_to_exitcode(status), "wall_s": round(time.perf_counter() - t, 2),
+           "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "peak_rss_gb": round(ru.ru_maxrss * 1024 / 1e9, 3)},
+          open(sys.argv[1], "w"))
+"""
+
+
+def measured(cmd: list[str], log: Path) -> dict:
+    """Runs ``cmd``; its wall seconds, CPU seconds and peak RSS (``os.wait4`` in a small parent)."""
+    stats = log.with_suffix(".json")
+    with open(log, "w") as out:
+        subprocess.run([sys.executable, "-c", _WAIT4, str(stats), *cmd], stdout=out, stderr=subprocess.STDOUT)
+    return {"cmd": " ".join(cmd[2:]), **json.loads(stats.read_text()), "tail": log.read_text()[-300:]}
+
+
+def check_hashes(out: Path, instruct: Path) -> list[bool]:
+    """The manifest's sha256 of instruct's last input file and of the last output file, against hashlib."""
+    import hashlib
+
+    m = json.loads((out / "kobllla_manifest.json").read_text())
+    entries = [m["inputs"]["instruct"]["files"][-1], m["outputs"][-1]]
+    files = [instruct / entries[0]["file"], out / entries[1]["file"]]
+
+    def digest(f: Path) -> str:
+        with open(f, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+
+    with ThreadPoolExecutor(2) as pool:
+        return [got == e["sha256"] for got, e in zip(pool.map(digest, files), entries, strict=True)]
+
+
+def cold(work: Path, out_dir: Path, preset: str, budget_s: float, drop: bool) -> None:
+    import time
+
+    t0 = time.perf_counter()
+    inputs = write_fast_inputs(work, preset)
+    print(json.dumps({"inputs_written_s": round(time.perf_counter() - t0, 1),
+                      "input_gb": round(sum(f.stat().st_size for p in inputs.values()
+                                                for f in p.glob("*.safetensors")) / 1e9, 2)}), flush=True)
+    base = [sys.executable, "-m", "tools.chat_vector", "--base", str(inputs["base"]), "--instruct",
+            str(inputs["instruct"]), "--target", str(inputs["target"]), "--quiet"]
+    out = out_dir / "cv-out"
+    runs = [("default, cold", [], True), ("--no-hash --workers 8, cold", ["--no-hash", "--workers", "8"], True),
+            ("default, warm", [], False)]
+    for label, extra, want_cold in runs:
+        if time.perf_counter() - t0 > budget_s:
+            print(json.dumps({label: "skipped: out of time"}), flush=True)
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        dropped = drop_caches() if want_cold and drop else None
+        r = measured(base + ["--out", str(out)] + extra, work / "run.log")
+        r.update({"caches_dropped": dropped, "cpus": len(os.sched_getaffinity(0)),
+                  "elapsed_s": round(time.perf_counter() - t0, 1)})
+        if r["rc"] == 0 and "--no-hash" not in extra and want_cold:
+            r["sha256_matches"] = check_hashes(out, inputs["instruct"])
+        print(json.dumps({label: r}), flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "cold":
+        p = argparse.ArgumentParser(prog="chat_vector_bench.py cold")
+        p.add_argument("--work", type=Path, required=True, help="where the three inputs go (3 x 16 GB at 8B)")
+        p.add_argument("--out-dir", type=Path, required=True, help="where the output goes (16 GB at 8B)")
+        p.add_argument("--preset", default="llama3-8b")
+        p.add_argument("--budget-s", type=float, default=150.0, help="start no run after this many seconds")
+        p.add_argument("--keep-caches", action="store_true", help="do not drop the page cache (a shared machine)")
+        a = p.parse_args(argv[1:])
+        cold(a.work, a.out_dir, a.preset, a.budget_s, not a.keep_caches)
+        return 0
     if argv and argv[0] == "naive":
         naive(*(Path(a) for a in argv[1:5]))
         return 0

@@ -21,6 +21,7 @@ bits as :func:`merge_chat_vector`) and :func:`apply_chat_vector`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -319,7 +320,8 @@ class _Streamer:
                         self._write_oldest(pending, plan, writer)
                     bufs = self.free.pop()
                     n = min(self.chunk, seg.end - start)
-                    job = self.pool.submit(self._slice, plan, start, n, seg.mode, operation, bufs)
+                    claims = self._claim(plan.name, start, n, self._roles(seg.mode, operation))
+                    job = self.pool.submit(self._slice, plan, start, n, seg.mode, operation, bufs, claims)
                     pending.append((job, bufs))
             while pending:
                 self._write_oldest(pending, plan, writer)
@@ -332,31 +334,51 @@ class _Streamer:
 
     def _write_oldest(self, pending: deque, plan: TensorPlan, writer: StreamingSafetensorsWriter) -> None:
         job, bufs = pending[0]
-        out, nread, start, n, roles = job.result()
+        out, nread = job.result()
         pending.popleft()
         writer.write(plan.name, out)
-        if self.hashers is not None:
-            self._feed_hashers(plan.name, start, n, roles, bufs)
         self.free.append(bufs)
         self.bytes_read += nread
         if self.progress is not None:
             self.progress.update(nread)
 
-    def _feed_hashers(self, name: str, start: int, n: int, roles: tuple[str, ...], bufs: _Buffers) -> None:
-        """Hashes the input bytes this slice read, in file order (no second read of inputs)."""
+    def _claim(self, name: str, start: int, n: int, roles: tuple[str, ...]) -> list[tuple[str, int, int]]:
+        """The input byte ranges this slice will hash, claimed in read order (main thread), so
+        that the workers hash each file in order, in parallel with the other files."""
+        if self.hashers is None:
+            return []
+        claims = []
         for role in roles:
             info = getattr(self, role).tensors[name]
             if info.offset is not None:
-                size = info.dtype.itemsize
-                self.hashers[info.file].feed(info.offset + start * size, bufs.raw[role][: n * size].numpy().data)
+                offset, nbytes = info.offset + start * info.dtype.itemsize, n * info.dtype.itemsize
+                if self.hashers[info.file].claim(offset, nbytes):
+                    claims.append((role, offset, nbytes))
+        return claims
+
+    def _hash_claims(self, name: str, claims: list[tuple[str, int, int]], bufs: _Buffers) -> None:
+        for role, offset, nbytes in claims:
+            file = getattr(self, role).tensors[name].file
+            self.hashers[file].feed_in_turn(offset, bufs.raw[role][:nbytes].numpy().data)
 
     def _read(self, role: str, name: str, start: int, n: int, bufs: _Buffers) -> torch.Tensor:
         return getattr(self, role).read_slice(name, start, n, bufs.raw[role])
 
     def _slice(self, plan: TensorPlan, start: int, n: int, mode: str, operation: str,
-               bufs: _Buffers) -> tuple[torch.Tensor, int, int, int, tuple[str, ...]]:
-        """Computes one output slice; returns it (a view of ``bufs``), the bytes read, and
-        which slice of which inputs it read."""
+               bufs: _Buffers, claims: list[tuple[str, int, int]]) -> tuple[torch.Tensor, int]:
+        """Computes one output slice and hashes the input bytes it read (in turn with the
+        other workers); returns the slice (a view of ``bufs``) and the bytes read."""
+        try:
+            out, nread = self._compute(plan, start, n, mode, operation, bufs)
+            self._hash_claims(plan.name, claims, bufs)
+        except BaseException:
+            for role, _, _ in claims:  # later slices must not wait for bytes that never come
+                self.hashers[getattr(self, role).tensors[plan.name].file].abandon()
+            raise
+        return out, nread
+
+    def _compute(self, plan: TensorPlan, start: int, n: int, mode: str, operation: str,
+                 bufs: _Buffers) -> tuple[torch.Tensor, int]:
         a, b = bufs.a[:n], bufs.b[:n]
         roles = self._roles(mode, operation)
         if mode == "keep":
@@ -376,7 +398,7 @@ class _Streamer:
         out = self._round(a, plan.dtype, bufs)
         _check_finite(a, out, lambda: self._diagnose(plan, start, n, a, out, roles, bufs))
         nread = sum(n * getattr(self, r).tensors[plan.name].dtype.itemsize for r in roles)
-        return out, nread, start, n, roles
+        return out, nread
 
     def _roles(self, mode: str, operation: str) -> tuple[str, ...]:
         roles: tuple[str, ...] = ()
@@ -564,6 +586,11 @@ def _open_all(paths: dict[str, Path]) -> dict[str, Checkpoint]:
     return opened
 
 
+def default_workers() -> int:
+    """One worker per usable core, at most 8 (the setting measured at the 8B shape on 16 cores)."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
 @dataclass(frozen=True)
 class StreamOptions:
     """How to write: see :func:`merge_chat_vector` for each field."""
@@ -664,7 +691,7 @@ def _close_all(cks: dict[str, Checkpoint]) -> None:
 def merge_chat_vector(
     *, base: Path, instruct: Path, target: Path, out: Path, ratio: float = 1.0,
     embeddings: EmbeddingPolicy = "error", dtype: OutDtype = "auto", overwrite: bool = False,
-    max_shard_bytes: int = 5 * 2**30, chunk_elements: int = 1 << 20, workers: int = 2,
+    max_shard_bytes: int = 5 * 2**30, chunk_elements: int = 1 << 20, workers: int | None = None,
     progress: bool = False, hash_files: bool = True,
 ) -> ChatVectorResult:
     """Writes ``target + ratio * (instruct - base)`` to ``out`` as HF sharded safetensors.
@@ -682,7 +709,8 @@ def merge_chat_vector(
         max_shard_bytes (int): output shard size.
         chunk_elements (int): elements per streamed slice; memory is about
             ``(workers + 1) x 30 bytes x chunk_elements`` (1M: ~100 MB with 2 workers).
-        workers (int): threads computing slices (each torch op single-threaded).
+        workers (int | None): threads reading, computing and hashing slices (each torch op
+            single-threaded); None: :func:`default_workers`.
         progress (bool): show a progress bar (bytes read, GB/s) on stderr.
         hash_files (bool): record sha256 of every input and output file in the manifest.
 
@@ -695,7 +723,8 @@ def merge_chat_vector(
         ValueError: any check in the module docstring fails; nothing is left at ``out``.
     """
     _check_ratio(ratio)
-    opts = StreamOptions(overwrite, max_shard_bytes, chunk_elements, workers, progress, hash_files)
+    opts = StreamOptions(overwrite, max_shard_bytes, chunk_elements,
+                         default_workers() if workers is None else workers, progress, hash_files)
     opts.check()
     cks = _open_all({"base": Path(base), "instruct": Path(instruct), "target": Path(target)})
     try:
@@ -745,7 +774,7 @@ def _nbytes(plan: TensorPlan) -> int:
 def extract_chat_vector(
     *, base: Path, instruct: Path, out: Path, dtype: VectorDtype = "float32",
     overwrite: bool = False, max_shard_bytes: int = 5 * 2**30, chunk_elements: int = 1 << 20,
-    workers: int = 2, progress: bool = False, hash_files: bool = True,
+    workers: int | None = None, progress: bool = False, hash_files: bool = True,
 ) -> ChatVectorResult:
     """Saves ``fp32(instruct) - fp32(base)`` to ``out``, with the instruct model's config and
     tokenizer files, for :func:`apply_chat_vector` to add to one target or many.
@@ -759,7 +788,8 @@ def extract_chat_vector(
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"unknown vector dtype {dtype!r}; choose 'float32' or 'bfloat16'")
-    opts = StreamOptions(overwrite, max_shard_bytes, chunk_elements, workers, progress, hash_files)
+    opts = StreamOptions(overwrite, max_shard_bytes, chunk_elements,
+                         default_workers() if workers is None else workers, progress, hash_files)
     opts.check()
     cks = _open_all({"base": Path(base), "instruct": Path(instruct)})
     try:
@@ -804,7 +834,7 @@ def open_vector(path: Path) -> Checkpoint:
 def apply_chat_vector(
     *, vector: Path, target: Path, out: Path, ratio: float = 1.0,
     embeddings: EmbeddingPolicy = "error", dtype: OutDtype = "auto", overwrite: bool = False,
-    max_shard_bytes: int = 5 * 2**30, chunk_elements: int = 1 << 20, workers: int = 2,
+    max_shard_bytes: int = 5 * 2**30, chunk_elements: int = 1 << 20, workers: int | None = None,
     progress: bool = False, hash_files: bool = True,
 ) -> ChatVectorResult:
     """Writes ``target + ratio * vector`` for a vector from :func:`extract_chat_vector`.
@@ -813,7 +843,8 @@ def apply_chat_vector(
     same inputs. Args, returns and raises as :func:`merge_chat_vector`.
     """
     _check_ratio(ratio)
-    opts = StreamOptions(overwrite, max_shard_bytes, chunk_elements, workers, progress, hash_files)
+    opts = StreamOptions(overwrite, max_shard_bytes, chunk_elements,
+                         default_workers() if workers is None else workers, progress, hash_files)
     opts.check()
     vec = open_vector(Path(vector))
     try:

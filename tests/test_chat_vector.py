@@ -202,6 +202,19 @@ def test_manifest_records_inputs_with_true_hashes_ratio_policy_and_outputs(tiny:
     assert newest.name == MANIFEST_NAME
 
 
+def test_sharded_inputs_hashed_by_many_workers_record_their_true_sha256(tiny: dict[str, Path], tmp_path: Path) -> None:
+    sharded = {role: make_model(tmp_path / role, flavor="instruct" if role == "instruct" else "base",
+                                seed=seed, max_shard_bytes=40 * 10**6)
+               for seed, role in enumerate(("base", "instruct", "target"))}
+    out = merge(sharded, tmp_path / "out", hash_files=True, workers=4, chunk_elements=70_001,
+                max_shard_bytes=30 * 10**6)
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    for role, path in sharded.items():
+        files = m["inputs"][role]["files"]
+        assert len(files) == 3 and all(e["sha256"] == sha256(path / e["file"]) for e in files)
+    assert [e["sha256"] for e in m["outputs"]] == [sha256(out / e["file"]) for e in m["outputs"]]
+
+
 def test_inputs_are_never_modified(tiny: dict[str, Path], tmp_path: Path) -> None:
     before = {role: tree_hashes(p) for role, p in tiny.items()}
     merge(tiny, tmp_path / "out")
@@ -392,7 +405,7 @@ def test_cli_merges_and_says_which_policy_was_used(trio: dict[str, Path], tmp_pa
                    "--out", str(tmp_path / "o"), "--ratio", "0.5", "--quiet", "--no-hash"])
     printed = capsys.readouterr().out
     assert rc == 0
-    assert "merge: 4 tensors" in printed and "ratio 0.5, embeddings policy: error" in printed
+    assert "merge: 4 tensors" in printed and "ratio 0.5, embeddings: vocabularies match (a mismatch would have been refused)" in printed
     assert_same_bits(load_all(tmp_path / "o"), reference(trio["base"], trio["instruct"], trio["target"], 0.5))
 
 

@@ -282,3 +282,32 @@ def test_sequential_hasher_gives_the_file_sha256_whatever_order_bytes_arrive_in(
     shuffled.feed(0, memoryview(data[:20_000]))
     shuffled.feed(0, memoryview(data[:20_000]))  # behind position: ignored
     assert shuffled.pos == 20_000 and shuffled.finish() == want
+
+
+def test_sequential_hasher_fed_in_turn_by_many_threads_gives_the_file_sha256(tmp_path: Path) -> None:
+    import hashlib
+    import random
+    import threading
+
+    from kobllla.checkpoint_io import SequentialHasher
+
+    data = os.urandom(300_000)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    hasher = SequentialHasher(path, prime=8)
+    slices = [(start, min(start + 3_001, len(data))) for start in range(8, len(data) - 5_000, 3_001)]
+    assert all(hasher.claim(a, b - a) for a, b in slices)
+    assert not hasher.claim(0, 8)  # not where the claimed bytes end: left for finish()
+    threads = [threading.Thread(target=hasher.feed_in_turn, args=(a, memoryview(data[a:b]))) for a, b in slices]
+    random.Random(0).shuffle(threads)  # they arrive out of order; each waits for its turn
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert hasher.pos == slices[-1][1]  # every claimed byte hashed, none read twice
+    assert hasher.finish() == hashlib.sha256(data).hexdigest()
+    abandoned = SequentialHasher(path)
+    assert abandoned.claim(0, 10) and abandoned.claim(10, 10)
+    abandoned.abandon()  # the slice at 0 failed: the one at 10 must not wait for it
+    abandoned.feed_in_turn(10, memoryview(data[10:20]))
+    assert abandoned.finish() == hashlib.sha256(data).hexdigest()

@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=list(OUT_DTYPES),
                    help="output dtype; auto keeps each target tensor's dtype (default)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="output shard size in GiB (default 5)")
-    p.add_argument("--workers", type=int, default=2, help="threads computing slices (default 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads reading, computing and hashing slices (default: one per core, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-hash", action="store_true", help="skip sha256 of inputs/outputs in the manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -114,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
           f"in {result.seconds:.1f} s, read {gb:.2f} GB ({gb / max(result.seconds, 1e-9):.2f} GB/s)")
     if mode != "extract":
         policy = result.manifest["embeddings"]["policy"]
-        print(f"ratio {args.ratio}, embeddings policy: {policy}")
+        # policy "error" only acts on a vocabulary mismatch; on success it means the vocabularies matched
+        what = "vocabularies match (a mismatch would have been refused)" if policy == "error" else f"policy {policy}"
+        print(f"ratio {args.ratio}, embeddings: {what}")
         for name, note in result.embeddings.items():
             print(f"  {name}: {note}")
     return 0

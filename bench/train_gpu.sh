@@ -4,6 +4,8 @@
 # Run from the repo root on a CUDA machine (H100/H200, >= 60 GB):
 #   bash bench/train_gpu.sh OUT_DIR [more bench/train_gpu.py options]
 # e.g. inside one 450-s device call: bash bench/train_gpu.sh $OUT --deadline-s 400 --extra-batch-size 2
+# or the component variants on the same data (first = loss reference), no peer:
+#   bash bench/train_gpu.sh $OUT --variants stock,fused,fp8 --steps 50 --peer-steps 0 --loss-micro
 # Writes OUT_DIR/results.json, the recipe's and the peer's logs, and the recipe config used.
 # Wheels (torchtune 0.6.1, torchao 0.14.1, ...) are installed from .whl/ into /tmp/site when
 # torchtune is not importable; the peer runs with the machine's own transformers + peft and
@@ -22,7 +24,7 @@ if ! python3 -c "import torchtune" 2>/dev/null; then
     .whl/konlpy-*.whl .whl/jpype1-*.whl
   echo "installed wheels into $SITE in $(( $(date +%s) - s )) s"
 fi
-export PYTHONPATH=$PWD${SITE:+:$SITE} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 uptime

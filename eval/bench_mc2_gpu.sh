@@ -3,6 +3,8 @@
 # `python -m eval.run --scorer shared_prefix`, same data, same page-cached weights, one process each.
 # Run from the repo root on a CUDA machine: bash eval/bench_mc2_gpu.sh OUT_DIR
 # (wheels for lm_eval & co. are installed from .whl/ when lm_eval is not importable).
+# MODEL_DIR=an existing HF checkpoint of the 8B shape skips making one (e.g. bench/train_gpu.py's).
+# The second eval.run runs under `python -X importtime` (OUT_DIR/importtime.txt): where start-up goes.
 set -eo pipefail
 OUT=${1:?usage: bash eval/bench_mc2_gpu.sh OUT_DIR}
 M=${MODEL_DIR:-/tmp/kobllla-bench/llama3-8b}
@@ -25,11 +27,14 @@ python3 -m lm_eval --model hf --model_args "pretrained=$M,dtype=bfloat16" --task
   --include_path "$B/tasks" --batch_size auto --device cuda:0 --output_path "$OUT/lm_eval" 2>&1 | grep -v "it/s]" | tail -8
 t1=$(stamp)
 python3 -m eval.run --model "bench=$M" --task truthfulqa_mc2 --data-dir "$B/data" --device cuda \
-  --scorer shared_prefix --results-dir "$OUT/ours" 2>&1 | grep -v "it/s]" | tail -4
+  --scorer shared_prefix --results-dir "$OUT/ours" > "$OUT/ours.log" 2>&1
 t2=$(stamp)
-python3 -m eval.run --model "bench=$M" --task truthfulqa_mc2 --data-dir "$B/data" --device cuda \
-  --scorer shared_prefix --results-dir "$OUT/ours2" 2>&1 | grep -v "it/s]" | tail -1
+grep -v "it/s]" "$OUT/ours.log" | tail -3 || true
+python3 -X importtime -m eval.run --model "bench=$M" --task truthfulqa_mc2 --data-dir "$B/data" --device cuda \
+  --scorer shared_prefix --results-dir "$OUT/ours2" 2> "$OUT/importtime.txt" | tail -1
 t3=$(stamp)
+grep -v "^import time:" "$OUT/importtime.txt" | grep -v "it/s]" | tail -3 || true
+echo "slowest imports (cumulative us):"; grep "^import time:" "$OUT/importtime.txt" | sort -t'|' -k2 -n -r | head -25
 echo "second eval.run --scorer shared_prefix: $(python3 -c "print(f'{$t3 - $t2:.1f}')") s wall"
 python3 - "$t0" "$t1" "$t2" "$OUT" <<'PY'
 import glob, json, sys

@@ -11,6 +11,7 @@ import math
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -253,6 +254,20 @@ def _check_hub_cache(names: list[str]) -> None:
             raise _hub_missing_error(spec, f"offline mode: {type(exc).__name__}") from None
 
 
+@contextmanager
+def _no_env_report():
+    """Skips lm_eval's ``add_env_info`` (torch's collect_env: pip list, nvidia-smi; ~3 s) inside
+    ``simple_evaluate``: the run record keeps its own versions and never reads that report."""
+    import lm_eval.evaluator
+
+    real = lm_eval.evaluator.add_env_info
+    lm_eval.evaluator.add_env_info = lambda storage: None
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.add_env_info = real
+
+
 def _run_lm_eval(spec: str, names: list[str], sources: dict[str, dict], *, device: str, dtype: str,
                  batch_size, limit, num_fewshot, max_length, bootstrap_iters: int, scorer: str):
     import lm_eval
@@ -272,13 +287,15 @@ def _run_lm_eval(spec: str, names: list[str], sources: dict[str, dict], *, devic
         write_task_yamls([TASKS[n] for n in names], sources, Path(include_dir))
         manager = TaskManager(include_path=include_dir, include_defaults=False)
         try:
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                bootstrap_iters=bootstrap_iters, log_samples=False,
-            )
+            with _no_env_report():
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                    bootstrap_iters=bootstrap_iters, log_samples=False,
+                )
         except ConnectionError as exc:  # the hub is unreachable (no network) and a dataset is not cached
             raise _hub_missing_error(_task_of_error(names, exc), f"{type(exc).__name__}") from None
     timing["lm_eval_s"] = time.perf_counter() - t0 - timing["load_s"]
+    timing.update(getattr(lm, "timing", {}))  # the shared-prefix scorer's tokenize_s / score_s
     return lm, out, timing
 
 

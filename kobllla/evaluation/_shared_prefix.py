@@ -10,15 +10,23 @@ alone. On MC2-shaped data (``python -m eval.bench_mc2``) that is 197,569 tokens 
 docs/benchmarks.md),
 and the logits come out for answer positions only. The log-likelihoods equal lm_eval's up to
 floating-point order; its ``softmax_dtype`` is honoured the same way.
+
+Tokenization follows lm_eval's ``TemplateLM._encode_pair`` token for token, but each distinct
+string is encoded once, in one batched call of the fast tokenizer: MC2's 6,324 (context, answer)
+pairs cost lm_eval 12,648 ``tokenizer.encode`` calls plus one ``decode`` each (~5.8 s on the
+H100 host); here 817 contexts and 6,324 ``context + answer`` strings go through the tokenizer
+once.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
 
 Request = tuple[tuple[str, str], list[int], list[int]]
 
@@ -62,6 +70,53 @@ class SharedPrefixHFLM(HFLM):
     def __init__(self, *args, max_batch_tokens: int = 32768, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_batch_tokens = max_batch_tokens
+        self.timing: dict[str, float] = {}
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm_eval's ``TemplateLM.loglikelihood`` with every distinct string encoded once, batched."""
+        if self.backend != "causal":
+            return super().loglikelihood(requests, disable_tqdm)
+        t0 = time.perf_counter()
+        pairs = []
+        for context, continuation in (req.args for req in requests):
+            if context == "":  # lm_eval's own rule (BOS as context), one request at a time
+                pairs.append((context, continuation, None, None))
+                continue
+            n_spaces = len(context) - len(context.rstrip())  # trailing spaces move to the answer
+            ctx, cont = context, continuation
+            if n_spaces:
+                ctx, cont = context[:-n_spaces], context[-n_spaces:] + continuation
+            pairs.append((context, continuation, ctx, ctx + cont))
+        enc = self._encode_unique([s for _, _, a, b in pairs if a is not None for s in (a, b)])
+        new_reqs = []
+        for context, continuation, ctx, whole in pairs:
+            if ctx is None:
+                cont_enc = self.tok_encode(continuation, add_special_tokens=False)
+                ctx_enc, cont_enc = (([self.prefix_token_id], cont_enc) if self.prefix_token_id != cont_enc[0]
+                                     else (cont_enc[:1], cont_enc[1:]))
+            else:
+                ctx_enc = enc[ctx]
+                cont_enc = enc[whole][len(ctx_enc):]
+            new_reqs.append(((context, continuation), ctx_enc, cont_enc))
+        t1 = time.perf_counter()
+        out = self._loglikelihood_tokens(new_reqs, disable_tqdm=disable_tqdm)
+        self.timing["tokenize_s"] = self.timing.get("tokenize_s", 0.0) + t1 - t0  # the run record's timing
+        self.timing["score_s"] = self.timing.get("score_s", 0.0) + time.perf_counter() - t1
+        return out
+
+    def _encode_unique(self, strings: list[str]) -> dict[str, list[int]]:
+        """``{s: self.tok_encode(s)}`` for each distinct string, in one tokenizer call per special-token setting."""
+        bos = self.tokenizer.decode(self.prefix_token_id)
+        by_kwargs: dict[tuple, list[str]] = defaultdict(list)
+        for text in dict.fromkeys(strings):
+            kwargs = _add_special_kwargs(None, self.add_bos_token)
+            if has_bos_prefix(text, bos):
+                kwargs["add_special_tokens"] = False
+            by_kwargs[tuple(sorted(kwargs.items()))].append(text)
+        out: dict[str, list[int]] = {}
+        for kwargs, texts in by_kwargs.items():
+            out.update(zip(texts, self.tokenizer(texts, **dict(kwargs))["input_ids"], strict=True))
+        return out
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:

@@ -1,0 +1,63 @@
+"""The shared-prefix scorer's batched tokenization gives lm_eval's own token requests.
+
+Reference: lm_eval 0.4.13's ``TemplateLM.loglikelihood`` (one ``tok_encode`` per string) on the
+same model and tokenizer; both hand their requests to ``_loglikelihood_tokens``, captured here.
+"""
+
+from __future__ import annotations
+
+import pytest
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+
+from kobllla.evaluation._shared_prefix import SharedPrefixHFLM
+
+PAIRS = [
+    ("Q: What is the capital of Korea?\nA:", " Seoul"),
+    ("Q: What is the capital of Korea?\nA:", " Busan is"),
+    ("Q: 대한민국의 수도는?\nA: ", "서울입니다."),  # trailing space moves to the answer
+    ("Q: 대한민국의 수도는?\nA:  ", " 서울"),
+    ("<|begin_of_text|>Already has BOS:", " yes"),
+    ("", "An answer with no context"),
+]
+
+
+class _Capture(SharedPrefixHFLM):
+    def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+        self.captured = requests
+        return [(0.0, True)] * len(requests)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_base):
+    return _Capture(pretrained=str(tiny_base), device="cpu", dtype="float32", batch_size=1)
+
+
+def _instances():
+    return [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(PAIRS)]
+
+
+def test_batched_tokenization_gives_lm_evals_requests_token_for_token(lm):
+    lm.loglikelihood(_instances(), disable_tqdm=True)
+    ours = lm.captured
+    TemplateLM.loglikelihood(lm, _instances(), disable_tqdm=True)  # lm_eval's one-string-at-a-time path
+    theirs = lm.captured
+    assert ours == theirs
+    assert len(ours) == len(PAIRS) and all(len(cont) > 0 for _, _, cont in ours)
+    assert ours[0][1] == ours[1][1]  # one context, encoded once, shared by both answers
+    assert ours[4][1][0] == 128000 and ours[4][1][1] != 128000  # no second BOS before a BOS-prefixed context
+
+
+def test_each_distinct_string_is_encoded_once(lm, monkeypatch):
+    calls = []
+    real = type(lm.tokenizer).__call__
+
+    def counting(self, texts, **kwargs):
+        calls.append(list(texts))
+        return real(self, texts, **kwargs)
+
+    monkeypatch.setattr(type(lm.tokenizer), "__call__", counting)
+    lm.loglikelihood(_instances(), disable_tqdm=True)
+    encoded = [t for batch in calls for t in batch]
+    assert len(encoded) == len(set(encoded)) == 8  # 3 distinct stripped contexts + 5 context+answer strings
+    assert len(calls) == 2  # one call per special-token setting (BOS added / already there)

@@ -226,8 +226,8 @@ def test_eval_report_on_an_empty_history_says_no_run_finished(tmp_path):
     (tmp_path / "res").mkdir()
     (tmp_path / "res" / "history.jsonl").write_text("", encoding="utf-8")
     refused(cli("eval.report", tmp_path / "res", "--out", tmp_path / "report"),
-            r"^error: .*res/history.jsonl lists no run \(the file is empty\): no evaluation has finished there yet; "
-            r"run `python -m eval.run --results-dir .*res` first$")
+            r"^error: .*res/history.jsonl lists no run \(the file is empty or blank\): no evaluation has finished "
+            r"there yet; run `python -m eval.run --results-dir .*res` first$")
     assert not (tmp_path / "report").exists()
 
 

@@ -87,7 +87,7 @@ def load_run(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"run record {path} does not exist; pass a runs/*.json written by `python -m eval.run`")
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(record, dict) or record.get("schema") != RUN_SCHEMA:
@@ -129,8 +129,8 @@ def latest_runs(results_dir: Path) -> dict[str, dict]:
         latest[row["label"]] = row["file"]
     if not latest:
         raise ValueError(
-            f"{Path(results_dir) / HISTORY_NAME} lists no run (the file is empty): no evaluation has finished "
-            f"there yet; run `python -m eval.run --results-dir {results_dir}` first"
+            f"{Path(results_dir) / HISTORY_NAME} lists no run (the file is empty or blank): no evaluation has "
+            f"finished there yet; run `python -m eval.run --results-dir {results_dir}` first"
         )
     return {label: load_run(Path(results_dir) / rel) for label, rel in latest.items()}
 

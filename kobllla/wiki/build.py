@@ -205,6 +205,8 @@ def build_kowikitext(
         RuntimeError: a worker process died (the OS killed it); nothing is written.
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
+    if Path(dump).is_dir():
+        raise IsADirectoryError(f"--dump {dump} is a directory; pass the dump file (.xml, .xml.bz2 or .xml.gz) in it")
     refuse_output_over_inputs(Path(out_dir), [Path(dump)])
     settings = _settings(fmt, min_chars, dev_fraction, test_fraction, tuple(drop_sections), workers)
     reader = DumpReader(dump)

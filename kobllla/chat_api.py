@@ -45,6 +45,16 @@ class Retryable(RuntimeError):
         self.retry_after = retry_after
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirected POST would be re-sent as a GET without its body: surface the 3xx instead."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def check_base_url(base_url: str) -> str:
     """``base_url`` if it is an ``http(s)://host...`` URL; a ValueError naming the fix otherwise."""
     parts = urllib.parse.urlsplit(base_url)
@@ -109,7 +119,7 @@ class ChatEndpoint:
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:  # noqa: S310
+            with _OPENER.open(request, timeout=self.timeout_s) as resp:
                 self._answered = True
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
@@ -151,6 +161,12 @@ class ChatEndpoint:
             raise FatalEndpointError(
                 f"{self.url}: HTTP 404 ({detail}); check --base-url (OpenAI-style URLs end in /v1) "
                 f"and --model {self.model!r}"
+            ) from None
+        if exc.code in (301, 302, 303, 307, 308):  # urllib does not follow a redirected POST
+            where = (exc.headers.get("Location") if exc.headers else None) or "another URL"
+            raise FatalEndpointError(
+                f"{self.url} redirects (HTTP {exc.code}) to {where}; pass --base-url "
+                f"{where.removesuffix('/chat/completions')} (e.g. https:// instead of http://)"
             ) from None
         if exc.code in RETRY_STATUS:
             after = exc.headers.get("Retry-After") if exc.headers else None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -390,3 +392,28 @@ def test_missing_or_empty_instructions_file_is_refused(tmp_path):
     (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"--instructions .*empty.txt: the file is empty"):
         Prompt.from_file(tmp_path / "empty.txt")
+
+
+def test_a_redirect_is_fatal_and_names_where_it_points(tmp_path):
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.send_response(301)
+            self.send_header("Location", "https://api.example.org/v1/chat/completions")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        ep = ChatEndpoint(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", model="m")
+        with pytest.raises(FatalEndpointError, match=r"/v1/chat/completions redirects \(HTTP 301\) to "
+                           r"https://api.example.org/v1/chat/completions; pass --base-url https://api.example.org/v1 "):
+            translate_dataset(input_path=write_jsonl(tmp_path / "lima.jsonl", lima_rows(2)),
+                              output_path=tmp_path / "kolima.jsonl", endpoint=ep, progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lima.jsonl"]

@@ -88,7 +88,7 @@ def derive(base: Path, out: Path, *, flavor: str, seed: int) -> None:
     """Writes ``base + N(0, SIGMA)`` (bf16), shard by shard, with ``flavor``'s metadata files."""
     from safetensors.torch import load_file, save_file
 
-    from kobllla.checkpoint_io import atomic_output_dir, write_json
+    from kobllla.atomic import atomic_output_dir, write_json
     from kobllla.tiny_model import PRESETS, hf_config, write_tokenizer_files
 
     gen = torch.Generator().manual_seed(seed)
@@ -230,7 +230,8 @@ def table(results: dict) -> str:
 
 def write_fast_inputs(work: Path, preset: str) -> dict[str, Path]:
     """Three checkpoints of ``preset``'s shape, 5 GB shards, written at disk speed (in parallel)."""
-    from kobllla.checkpoint_io import INDEX_NAME, plan_shards, write_json
+    from kobllla.atomic import write_json
+    from kobllla.checkpoint_io import INDEX_NAME, plan_shards
     from kobllla.tiny_model import PRESETS, hf_config, hf_tensor_shapes
 
     shape = PRESETS[preset]

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from kobllla.chat_vector import (
     MANIFEST_NAME,
+    ChatVectorOptions,
     apply_chat_vector,
     extract_chat_vector,
     merge_chat_vector,
@@ -81,7 +82,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def merge(tiny: dict[str, Path], out: Path, **kw) -> Path:
     kw.setdefault("hash_files", False)
     merge_chat_vector(base=tiny["base"], instruct=tiny["instruct"], target=kw.pop("target", tiny["target"]),
-                      out=out, **kw)
+                      out=out, options=ChatVectorOptions(**kw))
     return out
 
 
@@ -136,10 +137,11 @@ def test_torchtune_epoch_dir_and_meta_pth_targets_give_the_same_output(tiny: dic
 
 
 def test_saved_vector_applied_later_equals_one_shot(tiny: dict[str, Path], tmp_path: Path) -> None:
-    vec = extract_chat_vector(base=tiny["base"], instruct=tiny["instruct"], out=tmp_path / "vec", hash_files=False).out
+    vec = extract_chat_vector(base=tiny["base"], instruct=tiny["instruct"], out=tmp_path / "vec",
+                              options=ChatVectorOptions(hash_files=False)).out
     assert {t.dtype for t in load_all(vec).values()} == {torch.float32}
-    applied = apply_chat_vector(vector=vec, target=tiny["target"], out=tmp_path / "applied", ratio=0.5,
-                                hash_files=False).out
+    applied = apply_chat_vector(vector=vec, target=tiny["target"], out=tmp_path / "applied",
+                                options=ChatVectorOptions(ratio=0.5, hash_files=False)).out
     one_shot = merge(tiny, tmp_path / "one-shot", ratio=0.5)
     assert_same_bits(load_all(applied), load_all(one_shot))
     assert json.loads((applied / MANIFEST_NAME).read_text())["operation"] == "apply"
@@ -197,7 +199,8 @@ def test_manifest_records_inputs_with_true_hashes_ratio_policy_and_outputs(tiny:
         assert (entry["bytes"], entry["sha256"]) == (path.stat().st_size, sha256(path))
     (made,) = m["outputs"]
     assert made["sha256"] == sha256(out / "model.safetensors")
-    assert load_file(out / "model.safetensors") is not None
+    assert_same_bits(load_file(out / "model.safetensors"),  # the hashed file is the merge's result
+                     reference(tiny["base"], tiny["instruct"], tiny["target"], 0.25))
     newest = max(out.rglob("*"), key=lambda p: p.stat().st_mtime_ns)
     assert newest.name == MANIFEST_NAME
 
@@ -281,9 +284,10 @@ def trio(tmp_path: Path) -> dict[str, Path]:
 def refused(tmp_path: Path, exc: type[Exception], match: str, **paths: Path) -> None:
     """The merge raises one line matching ``match`` and leaves nothing under tmp_path/outs."""
     out = tmp_path / "outs" / "o"
-    kw = {k: v for k, v in paths.items() if k not in ("out",)}
+    roles = {k: v for k, v in paths.items() if k in ("base", "instruct", "target")}
+    options = ChatVectorOptions(hash_files=False, **{k: v for k, v in paths.items() if k not in (*roles, "out")})
     with pytest.raises(exc, match=match) as info:
-        merge_chat_vector(out=paths.get("out", out), hash_files=False, **kw)
+        merge_chat_vector(out=paths.get("out", out), options=options, **roles)
     assert "\n" not in str(info.value)
     assert not out.exists()
     assert not (tmp_path / "outs").exists() or list((tmp_path / "outs").iterdir()) == []
@@ -343,7 +347,7 @@ def test_existing_output_is_refused_unless_overwrite(trio: dict[str, Path], tmp_
     with pytest.raises(FileExistsError, match="done already exists; pick another output or pass --overwrite"):
         merge_chat_vector(out=out, **trio)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    merge_chat_vector(out=out, overwrite=True, hash_files=False, **trio)
+    merge_chat_vector(out=out, options=ChatVectorOptions(overwrite=True, hash_files=False), **trio)
     assert not (out / "keep.txt").exists() and (out / MANIFEST_NAME).is_file()
 
 
@@ -377,7 +381,7 @@ def test_skip_keeps_target_embeddings_and_overlap_adds_the_vector_to_shared_rows
         return (t[name][rows].float() + (i[name][rows].float() - b[name][rows].float())).to(torch.bfloat16)
 
     skip = merge_chat_vector(base=trio["base"], instruct=trio["instruct"], target=ko, out=tmp_path / "skip",
-                             embeddings="skip", hash_files=False)
+                             options=ChatVectorOptions(embeddings="skip", hash_files=False))
     got = load_all(skip.out)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(bits(got[name]), bits(t[name]))
@@ -385,7 +389,7 @@ def test_skip_keeps_target_embeddings_and_overlap_adds_the_vector_to_shared_rows
     assert skip.embeddings["lm_head.weight"] == "skip: kept the target's 10 rows unchanged"
 
     over = merge_chat_vector(base=trio["base"], instruct=trio["instruct"], target=ko, out=tmp_path / "overlap",
-                             embeddings="overlap", hash_files=False)
+                             options=ChatVectorOptions(embeddings="overlap", hash_files=False))
     got = load_all(over.out)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(bits(got[name][:8]), bits(formula(name, slice(0, 8))))
@@ -431,11 +435,11 @@ def test_auto_dtype_keeps_each_target_tensors_dtype_and_float32_skips_rounding(t
     b, i, t = load_all(base), load_all(instruct), load_all(mixed)
     exact = {k: t[k].float() + 0.3 * (i[k].float() - b[k].float()) for k in t}
     auto = load_all(merge_chat_vector(base=base, instruct=instruct, target=mixed, out=tmp_path / "auto",
-                                      ratio=0.3, hash_files=False).out)
+                                      options=ChatVectorOptions(ratio=0.3, hash_files=False)).out)
     assert_same_bits(auto, {k: v.to(t[k].dtype) for k, v in exact.items()})
     assert auto["model.norm.weight"].dtype == torch.float32 and auto["lm_head.weight"].dtype == torch.bfloat16
-    f32 = merge_chat_vector(base=base, instruct=instruct, target=mixed, out=tmp_path / "f32", ratio=0.3,
-                            dtype="float32", hash_files=False).out
+    f32 = merge_chat_vector(base=base, instruct=instruct, target=mixed, out=tmp_path / "f32",
+                            options=ChatVectorOptions(ratio=0.3, dtype="float32", hash_files=False)).out
     assert_same_bits(load_all(f32), exact)
     assert json.loads((f32 / "config.json").read_text())["torch_dtype"] == "float32"
     # mixed output dtypes: config.json keeps the target's torch_dtype; the manifest lists both
@@ -445,9 +449,10 @@ def test_auto_dtype_keeps_each_target_tensors_dtype_and_float32_skips_rounding(t
 
 def test_bfloat16_vector_is_half_the_size_and_rounds_the_difference_once_more(trio: dict[str, Path], tmp_path: Path) -> None:
     vec = extract_chat_vector(base=trio["base"], instruct=trio["instruct"], out=tmp_path / "vec",
-                              dtype="bfloat16", hash_files=False).out
+                              options=ChatVectorOptions(vector_dtype="bfloat16", hash_files=False)).out
     b, i, t = load_all(trio["base"]), load_all(trio["instruct"]), load_all(trio["target"])
     v = {k: (i[k].float() - b[k].float()).to(torch.bfloat16) for k in b}
     assert_same_bits(load_all(vec), v)
-    out = apply_chat_vector(vector=vec, target=trio["target"], out=tmp_path / "out", ratio=0.5, hash_files=False).out
+    out = apply_chat_vector(vector=vec, target=trio["target"], out=tmp_path / "out",
+                            options=ChatVectorOptions(ratio=0.5, hash_files=False)).out
     assert_same_bits(load_all(out), {k: (t[k].float() + 0.5 * v[k].float()).to(torch.bfloat16) for k in t})

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kobllla.chat_format import CHAT_EOS_IDS, EOT, EOT_ID, chat_stop_token_problems, write_chat_stop_tokens
-from kobllla.chat_vector import merge_chat_vector
+from kobllla.chat_vector import ChatVectorOptions, merge_chat_vector
 from kobllla.tiny_model import make_model
 from tests.conftest import REPO
 
@@ -66,7 +66,7 @@ def trio(tmp_path_factory) -> dict[str, Path]:
     instruct = make_model(root / "instruct", preset="mini", flavor="instruct", seed=1, dtype="float32")
     say_end_of_text(instruct)  # the demo's instruct model said <|end_of_text|> before issue 10
     chatvec = root / "chatvec"
-    merge_chat_vector(base=base, instruct=instruct, target=base, out=chatvec, hash_files=False)
+    merge_chat_vector(base=base, instruct=instruct, target=base, out=chatvec, options=ChatVectorOptions(hash_files=False))
     return {"root": root, "base": base, "instruct": instruct, "chatvec": chatvec}
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from kobllla.chat_vector import (
     EMBEDDING_POLICIES,
     OUT_DTYPES,
+    ChatVectorOptions,
     ChatVectorResult,
     apply_chat_vector,
     extract_chat_vector,
@@ -88,17 +89,21 @@ def _mode(args: argparse.Namespace) -> str:
     return "merge"
 
 
+def _options(args: argparse.Namespace) -> ChatVectorOptions:
+    return ChatVectorOptions(ratio=args.ratio, embeddings=args.embeddings, dtype=args.dtype,
+                             vector_dtype=args.vector_dtype, overwrite=args.overwrite,
+                             max_shard_bytes=int(args.max_shard_gb * 2**30), workers=args.workers,
+                             progress=not args.quiet, hash_files=not args.no_hash)
+
+
 def _run(args: argparse.Namespace, mode: str) -> ChatVectorResult:
-    common = dict(overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 2**30), workers=args.workers,
-                  progress=not args.quiet, hash_files=not args.no_hash)
+    options = _options(args)
     if mode == "extract":
-        return extract_chat_vector(base=args.base, instruct=args.instruct, out=args.save_vector,
-                                   dtype=args.vector_dtype, **common)
-    merge_opts = dict(target=args.target, out=args.out, ratio=args.ratio,
-                      embeddings=args.embeddings, dtype=args.dtype, **common)
+        return extract_chat_vector(base=args.base, instruct=args.instruct, out=args.save_vector, options=options)
     if mode == "apply":
-        return apply_chat_vector(vector=args.vector, **merge_opts)
-    return merge_chat_vector(base=args.base, instruct=args.instruct, **merge_opts)
+        return apply_chat_vector(vector=args.vector, target=args.target, out=args.out, options=options)
+    return merge_chat_vector(base=args.base, instruct=args.instruct, target=args.target, out=args.out,
+                             options=options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ from tqdm import tqdm
 import kobllla
 from kobllla.atomic import pid_alive, refuse_output_over_inputs, replace_dir, write_json
 from kobllla.cli import cap
-from kobllla.datasets._sources import LOCAL_FORMATS, iter_rows, require_field
+from kobllla.rows import LOCAL_FORMATS, iter_rows, require_field
 
 KIND = "kobllla.pretokenized"
 FORMAT_VERSION = 1

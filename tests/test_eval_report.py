@@ -160,6 +160,19 @@ def test_bad_record_files_are_one_line_errors(tmp_path):
         load_run(tmp_path / "z.json")
 
 
+def test_an_empty_history_or_an_out_that_is_a_file_is_a_one_line_error(seed_runs, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "history.jsonl").write_text("\n", encoding="utf-8")
+    assert report_cli.main([str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'empty' / 'history.jsonl'} lists no run (the file is empty or blank): no evaluation has "
+        f"finished there yet; run `python -m eval.run --results-dir {tmp_path / 'empty'}` first\n")
+    (tmp_path / "taken").write_text("mine", encoding="utf-8")
+    assert report_cli.main([str(seed_runs), "--out", str(tmp_path / "taken")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'taken'} is a file; pass a directory")
+    assert (tmp_path / "taken").read_text(encoding="utf-8") == "mine" and not (tmp_path / "r").exists()
+
+
 # --- plans (eval/suites/*.yaml) ------------------------------------------------------------------
 
 

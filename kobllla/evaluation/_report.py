@@ -17,7 +17,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kobllla.checkpoint_io import write_json
+from kobllla.atomic import write_json, write_text
 
 DEFAULT_GATES: dict[str, float] = {"truthfulqa_mc2/acc": 0.01}
 REPORT_MD, REPORT_PNG, REPORT_JSON = "report.md", "report.png", "comparison.json"
@@ -163,7 +163,8 @@ def compare_runs(
     )
     for candidate, baseline in pairs:
         cand, base = runs[candidate], runs[baseline]
-        for task in sorted({m.partition("/")[0] for m in metrics + list(gates)} & set(cand["tasks"]) & set(base["tasks"])):
+        tasks = {m.partition("/")[0] for m in metrics + list(gates)} & set(cand["tasks"]) & set(base["tasks"])
+        for task in sorted(tasks):
             check_comparable(cand, base, task)
         comparison.gates += _apply_gates(cand, base, gates, explicit, comparison.higher_is_better, comparison.notes)
     return comparison
@@ -241,7 +242,8 @@ def render_markdown(comparison: Comparison, runs: dict[str, dict] | None = None)
         lines.append("| " + " | ".join([label, base or "", *cells, status]) + " |")
     lines.append("")
     lines.append("Cells: score ± stderr (delta vs the row's baseline). " + ", ".join(
-        f"{m} {'higher' if comparison.higher_is_better.get(m, True) else 'lower'} is better" for m in comparison.metrics))
+        f"{m} {'higher' if comparison.higher_is_better.get(m, True) else 'lower'} is better"
+        for m in comparison.metrics))
     lines += [""] + [f"- {g.message()}" for g in comparison.gates] + [f"- {n}" for n in comparison.notes]
     if runs:
         lines += ["", "| model | run | checkpoint | fingerprint | lm_eval | limit |", "|---|---|---|---|---|---|"]
@@ -262,7 +264,7 @@ def render_chart(comparison: Comparison, path: Path) -> None:
     n = len(comparison.metrics)
     fig, axes = plt.subplots(1, n, figsize=(max(4.0, 3.2 * n), 3.6), squeeze=False)
     failed = {(g.candidate, g.metric) for g in comparison.failures()}
-    for ax, metric in zip(axes[0], comparison.metrics):
+    for ax, metric in zip(axes[0], comparison.metrics, strict=True):
         labels = [lab for lab in comparison.labels if metric in comparison.values[lab]]
         vals = [comparison.values[lab][metric]["value"] or 0.0 for lab in labels]
         errs = [comparison.values[lab][metric].get("stderr") or 0.0 for lab in labels]
@@ -283,11 +285,12 @@ def render_chart(comparison: Comparison, path: Path) -> None:
 def write_report(comparison: Comparison, out_dir: Path, runs: dict[str, dict] | None = None) -> dict[str, Path]:
     """Writes ``report.md``, ``report.png`` and, last, ``comparison.json`` (the manifest) into ``out_dir``."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file; pass a directory for report.md, report.png and "
+                                 "comparison.json")
     out_dir.mkdir(parents=True, exist_ok=True)
     md, png, manifest = out_dir / REPORT_MD, out_dir / REPORT_PNG, out_dir / REPORT_JSON
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(render_markdown(comparison, runs), encoding="utf-8")
-    os.replace(tmp, md)
+    write_text(md, render_markdown(comparison, runs))
     render_chart(comparison, png)
     data = asdict(comparison)
     data["gates"] = [{**asdict(g), "delta": g.delta, "passed": g.passed} for g in comparison.gates]

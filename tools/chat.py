@@ -40,6 +40,10 @@ def _work(args: argparse.Namespace) -> int:
         print(text, file=sys.stderr, flush=True)
 
     if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
         note(f"chat with {args.model} (template: {loaded.chat_template_source}); /reset, /exit, Ctrl-D to leave")
 
     def read(prompt: str) -> str:

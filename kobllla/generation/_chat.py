@@ -23,7 +23,7 @@ class _Streamer:
 
     def __call__(self, _row: int, token_id: int) -> None:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if text.endswith("\ufffd"):  # a Korean syllable split over byte tokens: wait for the rest
             return
         if len(text) > self.shown:
@@ -79,7 +79,7 @@ class ChatSession:
         (res,) = decode(self.loaded, [ids], self.options, seeds=[row_seed(self.options.seed, self.turns)],
                         on_token=stream)
         body = res.token_ids[:-1] if res.stop_reason == "eos" else res.token_ids
-        text = self.loaded.tokenizer.decode(body, skip_special_tokens=True)
+        text = self.loaded.tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if len(text) > stream.shown and write is not None:
             write(text[stream.shown:])
         self.turns += 1

@@ -207,30 +207,33 @@ def decode(loaded: LoadedModel, prompts: list[list[int]], options: GenerationOpt
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out: list[list[int]] = [[] for _ in prompts]
     done: list[Decoded | None] = [None] * len(prompts)
+    unfinished = torch.ones(len(prompts), dtype=torch.bool, device=dev)
+    unpadded = len({len(p) for p in prompts}) == 1  # no padding: no mask, as generate drops an all-ones mask
     start = time.perf_counter()
     step_ids = ids
     for step in range(options.max_new_tokens):
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                       **{cache_kw: cache}).logits[:, -1, :].float()
-        nxt = _pick(logits, options, gens)
-        finished_before = torch.tensor([d is not None for d in done], device=dev)
-        nxt = torch.where(finished_before, torch.full_like(nxt, loaded.pad_id), nxt)
-        is_stop = torch.isin(nxt, stops).tolist()
+        logits = model(input_ids=step_ids, attention_mask=None if unpadded else mask, position_ids=pos,
+                       use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1, :].float()
+        nxt = torch.where(unfinished, _pick(logits, options, gens), loaded.pad_id)  # finished rows get pad
+        stop_now = torch.isin(nxt, stops) & unfinished
+        tokens, stopped = torch.stack([nxt, stop_now.long()]).tolist()  # the step's one device sync
         now = time.perf_counter() - start
-        for i, tid in enumerate(nxt.tolist()):
+        for i, tid in enumerate(tokens):
             if done[i] is not None:
                 continue
             out[i].append(tid)
             if on_token is not None:
                 on_token(i, tid)
-            if is_stop[i]:
+            if stopped[i]:
                 done[i] = Decoded(out[i], "eos", now)
             elif step + 1 == options.max_new_tokens:
                 done[i] = Decoded(out[i], "max_new_tokens", now)
         if all(d is not None for d in done):
             break
+        unfinished &= ~stop_now
         step_ids = nxt[:, None]
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        if not unpadded:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         pos = pos[:, -1:] + 1
     return [d for d in done if d is not None]
 
@@ -262,7 +265,7 @@ def generate_rows(loaded: LoadedModel, rows: list[dict], options: GenerationOpti
             body = res.token_ids[:-1] if res.stop_reason == "eos" else res.token_ids
             yield {
                 "id": row["id"],
-                "text": loaded.tokenizer.decode(body, skip_special_tokens=True),
+                "text": loaded.tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=False),
                 "token_ids": res.token_ids,
                 "stop_reason": res.stop_reason,
                 "new_tokens": len(res.token_ids),

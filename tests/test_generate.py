@@ -323,3 +323,12 @@ def test_cli_writes_rows_and_refuses_bad_input_in_one_line(models, tmp_path):
     bad = run_cli("--model", str(models["instruct"]), "--prompts", str(other), "--out", str(out))
     assert bad.returncode == 2 and "this --out belongs to another prompts file" in bad.stderr
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_a_prompt_too_long_for_the_model_is_refused_before_out_is_touched(models, tmp_path):
+    prompts = write_rows(tmp_path / "p.jsonl", [ROWS[1], {"id": "long", "prompt": "가" * 2100}])
+    with pytest.raises(ValueError, match=r"row 'long' \(line 2, field 'prompt'\): 2101 prompt tokens \+ "
+                                         r"--max-new-tokens 4 exceed the model's max_position_embeddings 2048"):
+        generate_file(model=models["instruct"], prompts=prompts, out=tmp_path / "o.jsonl",
+                      options=GenerationOptions(max_new_tokens=4), progress=False)
+    assert not (tmp_path / "o.jsonl").exists()

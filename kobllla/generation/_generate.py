@@ -246,7 +246,20 @@ def _check_length(loaded: LoadedModel, row: dict, n: int, options: GenerationOpt
                          f"max_position_embeddings {loaded.max_positions}; shorten it or lower --max-new-tokens")
 
 
-def generate_rows(loaded: LoadedModel, rows: list[dict], options: GenerationOptions) -> Iterator[dict]:
+def encode_rows(loaded: LoadedModel, rows: list[dict], options: GenerationOptions) -> list[list[int]]:
+    """Prompt ids of every row, each checked to fit the model's positions with ``max_new_tokens``.
+
+    Raises:
+        ValueError: naming the row (id, line, field) that does not fit.
+    """
+    encoded = [encode_row(loaded, row) for row in rows]
+    for row, ids in zip(rows, encoded, strict=True):
+        _check_length(loaded, row, len(ids), options)
+    return encoded
+
+
+def generate_rows(loaded: LoadedModel, rows: list[dict], options: GenerationOptions, *,
+                  encoded: list[list[int]] | None = None) -> Iterator[dict]:
     """Answers validated prompt rows in order, ``options.batch_size`` at a time.
 
     Yields per row ``{"id", "text", "token_ids", "stop_reason", "new_tokens", "seconds"}``: ``token_ids``
@@ -254,9 +267,7 @@ def generate_rows(loaded: LoadedModel, rows: list[dict], options: GenerationOpti
     without the stop token and special tokens, ``seconds`` the time from the batch's start until the row
     stopped.
     """
-    encoded = [encode_row(loaded, row) for row in rows]
-    for row, ids in zip(rows, encoded, strict=True):
-        _check_length(loaded, row, len(ids), options)
+    encoded = encode_rows(loaded, rows, options) if encoded is None else encoded
     for b in range(0, len(rows), options.batch_size):
         batch = rows[b:b + options.batch_size]
         seeds = [row_seed(options.seed, row["id"]) for row in batch]
@@ -338,6 +349,10 @@ def generate_file(*, model: Path, prompts: Path, out: Path, options: GenerationO
         ValueError / FileNotFoundError: one line (bad prompts, bad model dir, ``out`` over an input).
     """
     prompts, out = Path(prompts), Path(out)
+    if not prompts.is_file():
+        raise FileNotFoundError(f"prompts file {prompts} {'is a directory' if prompts.exists() else 'does not exist'}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; pass a .jsonl file path")
     refuse_output_over_inputs(out, [prompts, Path(model), base])
     rows = read_prompts(prompts)
     skip = done_ids(out, prompts, {row_key(r["id"]) for r in rows})
@@ -354,13 +369,14 @@ def _write_rows(loaded: LoadedModel, todo: list[dict], out: Path, options: Gener
                 skipped: int, progress: bool) -> GenerateSummary:
     from tqdm import tqdm
 
+    encoded = encode_rows(loaded, todo, options)  # every row checked before --out is touched
     out.parent.mkdir(parents=True, exist_ok=True)
     tokens = stopped = 0
     start = time.perf_counter()
     fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         with tqdm(total=len(todo), desc="generate", unit="row", disable=not progress or not todo) as bar:
-            for res in generate_rows(loaded, todo, options):
+            for res in generate_rows(loaded, todo, options, encoded=encoded):
                 line = (json.dumps(res, ensure_ascii=False) + "\n").encode("utf-8")
                 if os.write(fd, line) != len(line):
                     raise OSError(f"{out}: short write (disk full?); rerun to resume")

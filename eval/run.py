@@ -9,9 +9,13 @@
     python -m tools.make_tiny_model --out runs/eval-smoke/models/base --dtype float32
     python -m eval.run --model tiny=runs/eval-smoke/models/base --suite english_retention --data-dir tests/assets/eval/data \
         --device cpu --results-dir runs/eval-smoke
+    # translation (chrF++ and BLEU, both directions) on held-out pairs DIR/test.ko + DIR/test.zh:
+    python -m eval.run --model mt=runs/translation/epoch_0 --task kobllla_translation \
+        --translation-data data/literary --results-dir runs/eval
 
 Suites: english_retention (truthfulqa_mc2 = the gate, truthfulqa_mc1), korean (kobest x5, haerae x5,
-a KMMLU subset), kobest, haerae, kmmlu (45 subjects). Then: python -m eval.report runs/eval ...
+a KMMLU subset), kobest, haerae, kmmlu (45 subjects),
+translation (kobllla_translation_ko_zh, kobllla_translation_zh_ko; needs --translation-data). Then: python -m eval.report runs/eval ...
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", action="append", default=[], help=f"suite to run (repeatable): {', '.join(SUITES)}")
     parser.add_argument("--task", action="append", default=[], help="extra lm_eval task (repeatable), e.g. kobest_boolq")
     parser.add_argument("--data-dir", type=Path, help="local copies of the datasets instead of the hub")
+    parser.add_argument("--translation-data", type=Path, metavar="DIR",
+                        help="held-out pairs of the kobllla_translation tasks: DIR/test.ko + DIR/test.zh or test.jsonl")
+    parser.add_argument("--max-gen-toks", type=int, metavar="N",
+                        help="new tokens per translation hypothesis (default 256; another value: another task version)")
     parser.add_argument("--heldout", action="append", type=_heldout_arg, default=[], metavar="LANG=FILE",
                         help="held-out text (.txt or .jsonl) scored for perplexity (repeatable)")
     parser.add_argument("--results-dir", type=Path, required=True, help="run records + history.jsonl go here")
@@ -81,6 +89,7 @@ def _work(args) -> None:
     for label, spec in args.model:
         record = evaluate_model(
             spec, label=label, suites=args.suite, tasks=args.task, data_dir=args.data_dir,
+            translation_data=args.translation_data, max_gen_toks=args.max_gen_toks,
             heldout=dict(args.heldout), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
             limit=args.limit, num_fewshot=args.num_fewshot, max_length=args.max_length,
             scorer=args.scorer, fingerprint=args.fingerprint, results_dir=args.results_dir,

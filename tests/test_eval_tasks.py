@@ -31,7 +31,7 @@ def test_resolve_tasks_merges_suites_and_tasks_without_duplicates():
 
 
 def test_resolve_tasks_refuses_nothing_asked():
-    with pytest.raises(ValueError, match=r"no tasks to run: name a suite \(english_retention, haerae, kmmlu, kobest, korean\)"):
+    with pytest.raises(ValueError, match=r"no tasks to run: name a suite \(english_retention, haerae, kmmlu, kobest, korean, translation\)"):
         resolve_tasks()
 
 

@@ -29,6 +29,12 @@ from kobllla.evaluation._tasks import (
     resolve_tasks,
     write_task_yamls,
 )
+from kobllla.evaluation._translation import (
+    is_translation_task,
+    translation_samples,
+    translation_source,
+    write_translation_yamls,
+)
 
 
 Device = Literal["auto", "cuda", "cpu"]
@@ -87,6 +93,8 @@ def _task_entries(out: dict, sources: dict[str, dict]) -> dict[str, dict]:
             "data": sources[task],
             "metrics": metrics,
         }
+        if is_translation_task(task):  # every hypothesis beside its source and reference
+            entries[task]["samples"] = translation_samples(out, task)
     return entries
 
 
@@ -128,6 +136,8 @@ def evaluate_model(
     suites: list[str] | tuple[str, ...] = (),
     tasks: list[str] | tuple[str, ...] = (),
     data_dir: Path | None = None,
+    translation_data: Path | None = None,
+    max_gen_toks: int | None = None,
     heldout: dict[str, Path | list[str]] | None = None,
     device: Device = "auto",
     dtype: DType = "auto",
@@ -152,6 +162,9 @@ def evaluate_model(
         suites: names in ``SUITES`` (``english_retention``, ``korean``, ``kobest``, ``haerae``, ``kmmlu``).
         tasks: extra task names from ``TASKS``.
         data_dir: local copies of the datasets (layout in ``kobllla.evaluation._tasks``); None: the hub.
+        translation_data: held-out pairs of the ``kobllla_translation`` tasks (``test.ko`` + ``test.zh``
+            or ``test.jsonl``; see ``kobllla.evaluation._translation``).
+        max_gen_toks: new tokens per translation hypothesis (None: 256; another value changes the task version).
         heldout: language -> held-out text (``.txt``/``.jsonl`` or list) scored for perplexity.
         device: ``auto`` (cuda if available), ``cuda`` or ``cpu``.
         dtype: ``auto`` (bf16 on GPU, fp32 on CPU) or an explicit dtype.
@@ -177,7 +190,7 @@ def evaluate_model(
         raise ValueError(f"unknown scorer {scorer!r}; choose hf or shared_prefix")
     names = resolve_tasks(suites=suites, tasks=tasks) if (suites or tasks or not heldout) else []
     ref = resolve_model(model, fingerprint=False)
-    sources = _data_sources(names, data_dir, num_fewshot)
+    sources = _data_sources(names, data_dir, num_fewshot, translation_data, max_gen_toks)
     docs, heldout_sources = _heldout_sources(heldout or {})
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
@@ -204,16 +217,20 @@ def evaluate_model(
     return record
 
 
-def _data_sources(names: list[str], data_dir: Path | None, num_fewshot: int | None) -> dict[str, dict]:
+def _data_sources(names: list[str], data_dir: Path | None, num_fewshot: int | None,
+                  translation_data: Path | None = None, max_gen_toks: int | None = None) -> dict[str, dict]:
     """Every task's data source; all missing local files are named in one error, not one per run."""
     sources, missing = {}, []
     for name in names:
+        if is_translation_task(name):
+            sources[name] = translation_source(name, translation_data, max_gen_toks)
+            continue
         try:
             sources[name] = data_source(TASKS[name], data_dir, num_fewshot)
         except MissingLocalDataError as exc:
             missing.append(exc)
     if data_dir is None:
-        _check_hub_cache(names)
+        _check_hub_cache([n for n in names if not is_translation_task(n)])
     if len(missing) == 1:
         raise missing[0]
     if missing:
@@ -284,16 +301,18 @@ def _run_lm_eval(spec: str, names: list[str], sources: dict[str, dict], *, devic
     if not names:
         return lm, None, timing
     with tempfile.TemporaryDirectory(prefix="kobllla-tasks-") as include_dir:
-        write_task_yamls([TASKS[n] for n in names], sources, Path(include_dir))
+        lm_names = [n for n in names if not is_translation_task(n)]
+        write_task_yamls([TASKS[n] for n in lm_names], sources, Path(include_dir))
+        write_translation_yamls([n for n in names if is_translation_task(n)], sources, Path(include_dir))
         manager = TaskManager(include_path=include_dir, include_defaults=False)
         try:
             with _no_env_report():
                 out = lm_eval.simple_evaluate(
                     model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                    bootstrap_iters=bootstrap_iters, log_samples=False,
+                    bootstrap_iters=bootstrap_iters, log_samples=len(lm_names) < len(names),  # translation hypotheses
                 )
         except ConnectionError as exc:  # the hub is unreachable (no network) and a dataset is not cached
-            raise _hub_missing_error(_task_of_error(names, exc), f"{type(exc).__name__}") from None
+            raise _hub_missing_error(_task_of_error(lm_names, exc), f"{type(exc).__name__}") from None
     timing["lm_eval_s"] = time.perf_counter() - t0 - timing["load_s"]
     timing.update(getattr(lm, "timing", {}))  # the shared-prefix scorer's tokenize_s / score_s
     return lm, out, timing

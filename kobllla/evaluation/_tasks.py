@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kobllla.evaluation._schemas import SCHEMAS, validate_jsonl
+from kobllla.evaluation._translation import TRANSLATION_GROUP, TRANSLATION_TASKS
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ SUITES: dict[str, list[str]] = {
     "kobest": [f"kobest_{s}" for s in _KOBEST],
     "haerae": list(_HAERAE),
     "kmmlu": [f"kmmlu_{s}" for s in _KMMLU],
+    # generate_until on local held-out pairs (--translation-data DIR; kobllla/evaluation/_translation.py)
+    "translation": list(TRANSLATION_TASKS),
 }
 
 
@@ -130,7 +133,10 @@ def resolve_tasks(*, suites: list[str] | tuple[str, ...] = (), tasks: list[str] 
             raise ValueError(f"unknown suite {suite!r}; choose from {sorted(SUITES)}")
         names += SUITES[suite]
     for task in tasks:
-        if task not in TASKS:
+        if task == TRANSLATION_GROUP:
+            names += list(TRANSLATION_TASKS)
+            continue
+        if task not in TASKS and task not in TRANSLATION_TASKS:
             raise ValueError(
                 f"unknown task {task!r}; known tasks: {', '.join(_task_summary())} "
                 "(see kobllla.evaluation.TASKS)"
@@ -143,7 +149,7 @@ def resolve_tasks(*, suites: list[str] | tuple[str, ...] = (), tasks: list[str] 
 
 def _task_summary() -> list[str]:
     short = [n for n in TASKS if not n.startswith("kmmlu_")]
-    return short + ["kmmlu_<subject> (45 subjects)"]
+    return short + ["kmmlu_<subject> (45 subjects)", f"{TRANSLATION_GROUP} ({', '.join(TRANSLATION_TASKS)})"]
 
 
 def upstream_tasks_dir() -> Path:

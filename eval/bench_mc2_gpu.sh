@@ -14,7 +14,7 @@ if ! python3 -c "import lm_eval" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, lm_eval, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lm_eval', lm_eval.__version__, 'datasets', datasets.__version__)"
 nproc; free -g | head -2
@@ -34,7 +34,7 @@ python3 -X importtime -m eval.run --model "bench=$M" --task truthfulqa_mc2 --dat
   --scorer shared_prefix --results-dir "$OUT/ours2" 2> "$OUT/importtime.txt" | tail -1
 t3=$(stamp)
 grep -v "^import time:" "$OUT/importtime.txt" | grep -v "it/s]" | tail -3 || true
-echo "slowest imports (cumulative us):"; grep "^import time:" "$OUT/importtime.txt" | sort -t'|' -k2 -n -r | head -25
+echo "slowest imports (cumulative us):"; { grep "^import time:" "$OUT/importtime.txt" | sort -t'|' -k2 -n -r | head -25; } || true
 echo "second eval.run --scorer shared_prefix: $(python3 -c "print(f'{$t3 - $t2:.1f}')") s wall"
 python3 - "$t0" "$t1" "$t2" "$OUT" <<'PY'
 import glob, json, sys

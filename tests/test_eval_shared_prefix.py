@@ -61,3 +61,45 @@ def test_each_distinct_string_is_encoded_once(lm, monkeypatch):
     encoded = [t for batch in calls for t in batch]
     assert len(encoded) == len(set(encoded)) == 8  # 3 distinct stripped contexts + 5 context+answer strings
     assert len(calls) == 2  # one call per special-token setting (BOS added / already there)
+
+
+PREAMBLE = "Q: What is human life expectancy in the United States?\nA: Human life expectancy is 78 years.\n\n"
+
+
+def _requests(lm):
+    questions = [("Where is Seoul?", [" In Korea.", " In Japan.", " On the moon, of course."]),
+                 ("한국의 수도는 어디인가요?", [" 서울", " 부산입니다."]),
+                 ("Who wrote Hamlet?", [" Shakespeare"])]
+    pairs = [(f"{PREAMBLE}Q: {q}\nA:", a) for q, answers in questions for a in answers]
+    lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)],
+                     disable_tqdm=True)
+    return lm.captured
+
+
+def test_common_prefix_leaves_every_context_its_last_token():
+    from kobllla.evaluation._shared_prefix import common_prefix_len
+
+    assert common_prefix_len([tuple(range(40)) + (7,), tuple(range(40)) + (8, 9)], min_len=16) == 40
+    assert common_prefix_len([tuple(range(20)), tuple(range(20))], min_len=16) == 19
+    assert common_prefix_len([tuple(range(20)), (5,) + tuple(range(19))], min_len=16) == 0
+    assert common_prefix_len([tuple(range(10)), tuple(range(10))], min_len=16) == 0
+    assert common_prefix_len([], min_len=1) == 0
+
+
+def test_shared_kv_prefix_scores_equal_lm_evals_own_loglikelihoods(lm):
+    from lm_eval.models.huggingface import HFLM
+
+    from kobllla.evaluation._shared_prefix import common_prefix_len
+
+    reqs = _requests(lm)
+    assert common_prefix_len([tuple(c) for _, c, _ in reqs]) >= 16  # the preamble is shared
+    want = HFLM._loglikelihood_tokens(lm, reqs, disable_tqdm=True)  # lm_eval: one row per answer
+    lm.shared_kv_prefix = True
+    got = SharedPrefixHFLM._loglikelihood_tokens(lm, reqs)
+    assert lm._prefix_len >= 16
+    lm.shared_kv_prefix = False
+    plain = SharedPrefixHFLM._loglikelihood_tokens(lm, reqs)
+    assert lm._prefix_len == 0
+    for (w, wg), (g, gg), (p, pg) in zip(want, got, plain, strict=True):
+        assert g == pytest.approx(w, abs=1e-4) and p == pytest.approx(w, abs=1e-4)
+        assert gg == wg == pg

@@ -31,16 +31,34 @@ from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
 Request = tuple[tuple[str, str], list[int], list[int]]
 
 
-def pack_group(context: list[int], continuations: list[list[int]]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-    """One packed row: token ids, position ids, and each branch's (start, length) in the row."""
-    shared = context[:-1]
-    ids, pos, spans = list(shared), list(range(len(shared))), []
+def pack_group(context: list[int], continuations: list[list[int]],
+               prefix_len: int = 0) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """One packed row: token ids, position ids, and each branch's (start, length) in the row.
+
+    The first ``prefix_len`` context tokens are left out (they come from the shared KV prefix);
+    positions still count them.
+    """
+    shared = context[prefix_len:-1]
+    ids, pos, spans = list(shared), list(range(prefix_len, len(context) - 1)), []
     for cont in continuations:
         branch = [context[-1]] + cont[:-1]
         spans.append((len(ids), len(branch)))
         ids += branch
-        pos += range(len(shared), len(shared) + len(branch))
+        pos += range(len(context) - 1, len(context) - 1 + len(branch))
     return ids, pos, spans
+
+
+def common_prefix_len(contexts: list[tuple[int, ...]], *, min_len: int = 16) -> int:
+    """Tokens every context starts with, leaving each its last token; 0 if fewer than ``min_len``."""
+    if not contexts:
+        return 0
+    first, n = contexts[0], min(len(c) for c in contexts) - 1
+    for ctx in contexts[1:]:
+        i = 0
+        while i < n and ctx[i] == first[i]:
+            i += 1
+        n = i
+    return n if n >= min_len else 0
 
 
 def packed_mask(n_shared: int, spans: list[tuple[int, int]], length: int) -> torch.Tensor:
@@ -64,12 +82,15 @@ class SharedPrefixHFLM(HFLM):
 
     Args:
         max_batch_tokens: packed tokens per forward (rows x padded length); bounds activation memory.
+        shared_kv_prefix: compute the tokens that every context starts with once, as a KV cache
+            that all rows attend to (MC2: the ~130-token 6-shot preamble of every question).
         Everything else as lm_eval's ``HFLM`` (``pretrained``, ``dtype``, ``device``, ``max_length``...).
     """
 
-    def __init__(self, *args, max_batch_tokens: int = 32768, **kwargs) -> None:
+    def __init__(self, *args, max_batch_tokens: int = 32768, shared_kv_prefix: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_batch_tokens = max_batch_tokens
+        self.shared_kv_prefix = shared_kv_prefix
         self.timing: dict[str, float] = {}
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -134,6 +155,10 @@ class SharedPrefixHFLM(HFLM):
             flat = [i for _, idxs, _ in too_long for i in idxs]
             for i, res in zip(flat, super()._loglikelihood_tokens([requests[i] for i in flat], disable_tqdm, override_bs)):
                 results[i] = res
+        # The prefix every context shares (MC2's fixed 6-shot preamble) runs once; rows hold the rest.
+        self._prefix_len = common_prefix_len([ctx for ctx, _, _ in packable]) if self.shared_kv_prefix else 0
+        self._prefix_kv = self._prefix_cache(packable[0][0][: self._prefix_len]) if self._prefix_len else None
+        packable = [(ctx, idxs, n - self._prefix_len) for ctx, idxs, n in packable]
         packable.sort(key=lambda g: -g[2])  # longest first: padding stays small, OOM shows at once
         batch: list = []
         for group in packable:
@@ -146,20 +171,36 @@ class SharedPrefixHFLM(HFLM):
         return results  # type: ignore[return-value]
 
     @torch.no_grad()
+    def _prefix_cache(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) ``[1, kv_heads, len(prefix), head_dim]`` of the shared prefix."""
+        ids = torch.tensor([prefix], device=self.device)
+        out = self.model.get_decoder()(input_ids=ids, position_ids=torch.arange(len(prefix), device=self.device)[None],
+                                       use_cache=True)
+        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    @torch.no_grad()
     def _score_batch(self, batch: list, requests: list[Request], results: list) -> None:
-        length = batch[0][2]
+        from transformers import DynamicCache
+
+        length, p = batch[0][2], self._prefix_len
         ids = torch.zeros(len(batch), length, dtype=torch.long)
         pos = torch.zeros(len(batch), length, dtype=torch.long)
-        mask = torch.zeros(len(batch), 1, length, length, dtype=torch.bool)
+        mask = torch.ones(len(batch), 1, length, p + length, dtype=torch.bool)  # every row sees the whole prefix
         rows = []
         for r, (ctx, idxs, n) in enumerate(batch):
-            row_ids, row_pos, spans = pack_group(list(ctx), [requests[i][2] for i in idxs])
+            row_ids, row_pos, spans = pack_group(list(ctx), [requests[i][2] for i in idxs], prefix_len=p)
             ids[r, :n], pos[r, :n] = torch.tensor(row_ids), torch.tensor(row_pos)
-            pos[r, n:] = torch.arange(length - n)
-            mask[r, 0] = packed_mask(len(ctx) - 1, spans, length)
+            pos[r, n:] = torch.arange(p, p + length - n)
+            mask[r, 0, :, p:] = packed_mask(len(ctx) - 1 - p, spans, length)
             rows.append(spans)
+        cache = None
+        if p:
+            cache = DynamicCache()
+            for layer, (k, v) in enumerate(self._prefix_kv):
+                cache.update(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1), layer)
         hidden = self.model.get_decoder()(
-            input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=mask.to(self.device)
+            input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=mask.to(self.device),
+            past_key_values=cache, use_cache=cache is not None,
         ).last_hidden_state
         head = self.model.get_output_embeddings()
         token_lls, token_hits, sizes = [], [], []

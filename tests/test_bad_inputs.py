@@ -251,3 +251,8 @@ def test_eval_run_offline_without_data_dir_names_the_dataset_and_the_data_dir_la
                   r"DATA_DIR/truthfulqa/truthful_qa/multiple_choice/validation.jsonl, written on a machine with "
                   r"network by datasets.load_dataset\('truthfulqa/truthful_qa', 'multiple_choice'")
     assert not (tmp_path / "res").exists()
+    (tmp_path / "res").write_text("mine", encoding="utf-8")
+    refused(cli("eval.run", "--model", f"mini={mini_model}", "--task", "truthfulqa_mc2", "--device", "cpu",
+                "--results-dir", tmp_path / "res", timeout=300),
+            r"^error: --results-dir .*res is a file; pass a directory for runs/ and history.jsonl$")
+    assert (tmp_path / "res").read_text(encoding="utf-8") == "mine"

@@ -186,6 +186,8 @@ def evaluate_model(
         FileNotFoundError, ValueError: bad checkpoint, name, data file or option (one line each).
     """
     check_label(label)
+    if results_dir is not None and Path(results_dir).exists() and not Path(results_dir).is_dir():
+        raise NotADirectoryError(f"--results-dir {results_dir} is a file; pass a directory for runs/ and history.jsonl")
     if scorer not in ("hf", "shared_prefix"):
         raise ValueError(f"unknown scorer {scorer!r}; choose hf or shared_prefix")
     names = resolve_tasks(suites=suites, tasks=tasks) if (suites or tasks or not heldout) else []

@@ -34,11 +34,14 @@ def read_heldout(source: Path | list[str]) -> list[str]:
         where = "the given list"
     else:
         path = Path(source)
+        if path.is_dir():
+            raise IsADirectoryError(f"held-out text {path} is a directory; pass a .txt or .jsonl file")
         if not path.is_file():
             raise FileNotFoundError(f"held-out text {path} does not exist")
         where = str(path)
         if path.suffix == ".txt":
-            docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+            text = path.read_text(encoding="utf-8-sig")  # a BOM is not text; CRLF is read as \n
+            docs = [d.strip() for d in text.split("\n\n") if d.strip()]
         elif path.suffix == ".jsonl":
             docs = _read_jsonl_texts(path)
         else:

@@ -66,7 +66,8 @@ def trio(tmp_path_factory) -> dict[str, Path]:
     instruct = make_model(root / "instruct", preset="mini", flavor="instruct", seed=1, dtype="float32")
     say_end_of_text(instruct)  # the demo's instruct model said <|end_of_text|> before issue 10
     chatvec = root / "chatvec"
-    merge_chat_vector(base=base, instruct=instruct, target=base, out=chatvec, options=ChatVectorOptions(hash_files=False))
+    merge_chat_vector(base=base, instruct=instruct, target=base, out=chatvec,
+                      options=ChatVectorOptions(hash_files=False))
     return {"root": root, "base": base, "instruct": instruct, "chatvec": chatvec}
 
 

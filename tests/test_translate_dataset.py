@@ -78,7 +78,8 @@ def test_prompt_marks_each_turn_and_the_reply_must_return_the_same_markers():
         "<<<SYSTEM 0>>>\nBe brief.\n\n<<<USER 1>>>\nHi?\n\n<<<ASSISTANT 2>>>\nHello.\n\n"
         "<<<USER 3>>>\nBye?\n\n<<<ASSISTANT 4>>>\nBye."
     )
-    reply = "<<<SYSTEM 0>>>\n짧게.\n<<<USER 1>>>\n안녕?\n<<<ASSISTANT 2>>>\n안녕하세요.\n<<<USER 3>>>\n잘 가.\n<<<ASSISTANT 4>>>\n안녕히 가세요.\n"
+    reply = ("<<<SYSTEM 0>>>\n짧게.\n<<<USER 1>>>\n안녕?\n<<<ASSISTANT 2>>>\n안녕하세요.\n<<<USER 3>>>\n잘 가.\n"
+             "<<<ASSISTANT 4>>>\n안녕히 가세요.\n")
     assert parse_reply(conv, reply) == ("짧게.", ("안녕?", "안녕하세요.", "잘 가.", "안녕히 가세요."))
     with pytest.raises(RuntimeError, match=r"reply markers \[\('SYSTEM', 0\), \('USER', 1\)\] do not match the 5 sent"):
         parse_reply(conv, "<<<SYSTEM 0>>>\n짧게.\n<<<USER 1>>>\n안녕?")
@@ -90,7 +91,8 @@ def test_reply_that_drops_a_code_fence_or_a_url_is_rejected():
     assert parse_reply(conv, ok)[1][1].startswith("이것을 쓰세요:\n```python")
     with pytest.raises(RuntimeError, match=r"turn ASSISTANT 2: 2 code fences in the source, 0 in the reply"):
         parse_reply(conv, ok.replace("```", ""))
-    with pytest.raises(RuntimeError, match=r"turn ASSISTANT 2: URL https://docs.python.org/3/library/json.html missing"):
+    with pytest.raises(RuntimeError, match=r"turn ASSISTANT 2: URL https://docs.python.org/3/library/json.html "
+                                           r"missing"):
         parse_reply(conv, ok.replace("https://docs.python.org", "파이썬 문서"))
 
 
@@ -129,7 +131,8 @@ def test_429_5xx_malformed_replies_and_a_hang_are_retried_until_they_succeed(tmp
 def test_rows_that_keep_failing_are_listed_with_reasons_and_no_output_is_written(tmp_path):
     rows = lima_rows(6, {1: "500", 3: "400", 5: "length"})
     with FakeChatServer() as server:
-        with pytest.raises(RowsFailedError, match=r"^3 of 6 rows failed \(first: lima.jsonl line 2: HTTP 500 \(gave up after 3 attempts\)\); "
+        with pytest.raises(RowsFailedError, match=r"^3 of 6 rows failed \(first: lima.jsonl line 2: HTTP 500 "
+                                                    r"\(gave up after 3 attempts\)\); "
                                                     r"reasons in .*kolima.jsonl.errors.jsonl; rerun"):
             run(tmp_path, rows, server, ep=endpoint(server, max_attempts=3))
         assert [server.attempts[r["conversations"][0]] for r in rows] == [1, 3, 1, 1, 1, 1]

@@ -44,7 +44,7 @@ def _aligned_rows(
             f"English source has {len(en_rows)} rows ({en_rows[0].ref.origin}) and Korean source has "
             f"{len(ko_rows)} ({ko_rows[0].ref.origin}); they must align row by row"
         )
-    return list(zip(en_rows, ko_rows))
+    return list(zip(en_rows, ko_rows, strict=True))
 
 
 def interleave(mode: str, en: tuple[str, ...], ko: tuple[str, ...]) -> tuple[str, ...]:

@@ -114,6 +114,8 @@ def write_demo_corpora(
         ValueError: ``heldout_every`` below 2, or ``out_dir`` inside konlpy's corpus (an input).
     """
     out_dir = Path(out_dir)
+    if heldout_every < 2:
+        raise ValueError(f"--heldout-every must be at least 2 (every k-th document is held out), got {heldout_every}")
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {out_dir} is a file; pass a directory for the four CSV files")
     existing = [name for name in CORPUS_FILES if (out_dir / name).exists()]

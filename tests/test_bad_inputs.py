@@ -198,6 +198,9 @@ def test_make_corpus_keeps_files_a_user_edited_unless_overwrite(tmp_path):
             r"^error: .*data already holds ko_train.csv, ko_heldout.csv, en_train.csv, en_heldout.csv; pick another "
             r"--out or pass --overwrite to replace them$")
     assert snapshot(out) == before
+    refused(cli("tools.make_corpus", "--out", out, "--overwrite", "--heldout-every", "1"),
+            r"^error: --heldout-every must be at least 2 \(every k-th document is held out\), got 1$")
+    assert snapshot(out) == before
     assert cli("tools.make_corpus", "--out", out, "--overwrite").returncode == 0
     assert "내가 고친 문서" not in (out / "ko_train.csv").read_text(encoding="utf-8")
 

@@ -22,6 +22,8 @@ STAGE_COMMAND = {
     "stage0_pretrain_en_full.yaml": "full_finetune_single_device",
     "stage0_instruct_en_full.yaml": "full_finetune_single_device",
     "stage1_pretokenized_lora.yaml": "lora_finetune_distributed",
+    "translation_ko_zh_lora.yaml": "lora_finetune_single_device",
+    "alpaca_en_zh_lora.yaml": "lora_finetune_single_device",
 }
 
 
@@ -37,6 +39,8 @@ def component_nodes(cfg: DictConfig):
             yield key, node
     for node in dataset_nodes(cfg):
         yield "dataset", node
+        for sub in node.get("datasets") or []:  # mixed_dataset's sources
+            yield "dataset.datasets", sub
 
 
 def test_there_are_8b_and_tiny_configs_for_every_stage():
@@ -46,6 +50,9 @@ def test_there_are_8b_and_tiny_configs_for_every_stage():
         assert (family, "stage3_kolima_bilima_lora.yaml") in names
         assert (family, "stage1_kowiki_qlora_single_device.yaml") in names
     assert ("llama3_8b", "stage1_kowiki_lora_single_device.yaml") in names
+    for family in ("llama3_8b", "tiny"):  # seeds 000 and 003
+        assert (family, "translation_ko_zh_lora.yaml") in names
+        assert (family, "alpaca_en_zh_lora.yaml") in names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -76,22 +83,7 @@ def test_every_dataset_in_the_config_builds_on_the_fixtures(path: Path, tmp_path
     tok = make_llama3_tokenizer(max_seq_len=cfg.tokenizer.max_seq_len)
     built = []
     for node in dataset_nodes(cfg):
-        node = OmegaConf.to_container(node)
-        if node["_component_"].endswith("pretokenized_dataset"):
-            from kobllla.assets import llama3_tokenizer_model_path
-            from kobllla.pretokenized import pretokenize
-
-            pretokenize(source="csv", data_files=str(ASSETS / "kowiki_tiny.csv"), out_dir=tmp_path / "tokens",
-                        tokenizer_path=llama3_tokenizer_model_path(), workers=1, progress=False)
-            node.update(path=str(tmp_path / "tokens"))
-        elif node["_component_"].endswith("kowikitext_dataset"):
-            node.update(source="csv", data_files=str(ASSETS / "kowiki_tiny.csv"))
-        elif node["_component_"].endswith("kolima_dataset"):
-            node.update(data_files=str(ASSETS / "kolima_tiny.jsonl"))
-        elif "source" in node and node.get("source") is not None:
-            node.update(data_files=str(ASSETS / "bilima_paired.jsonl"))
-        else:
-            node.update(en_data_files=str(ASSETS / "lima_en_tiny.jsonl"), ko_data_files=str(ASSETS / "kolima_tiny.jsonl"))
+        node = on_fixtures(OmegaConf.to_container(node), tmp_path)
         ds = tt_config.instantiate(OmegaConf.create(node), tok)
         assert len(ds) > 0
         sample = ds[0]
@@ -101,3 +93,29 @@ def test_every_dataset_in_the_config_builds_on_the_fixtures(path: Path, tmp_path
         built.append(ds)
     if len(built) > 1:
         assert ConcatDataset(built).packed == all(isinstance(d, PackedDataset) for d in built)
+
+
+def on_fixtures(node: dict, tmp_path: Path, index: int = 0) -> dict:
+    """The dataset node with its files pointed at the fixtures (recursively for mixed_dataset)."""
+    if node["_component_"].endswith("mixed_dataset"):
+        node.update(datasets=[on_fixtures(sub, tmp_path, i) for i, sub in enumerate(node["datasets"])])
+    elif node["_component_"].endswith("parallel_dataset"):
+        node.update(source="moses", data_files=str(ASSETS / "parallel" / "train"))
+    elif node["_component_"].endswith("alpaca_dataset"):  # English first, Chinese second
+        node.update(source="json", data_files=str(ASSETS / ("alpaca_en_tiny.jsonl", "alpaca_zh_tiny.jsonl")[index]))
+    elif node["_component_"].endswith("pretokenized_dataset"):
+        from kobllla.assets import llama3_tokenizer_model_path
+        from kobllla.pretokenized import pretokenize
+
+        pretokenize(source="csv", data_files=str(ASSETS / "kowiki_tiny.csv"), out_dir=tmp_path / "tokens",
+                    tokenizer_path=llama3_tokenizer_model_path(), workers=1, progress=False)
+        node.update(path=str(tmp_path / "tokens"))
+    elif node["_component_"].endswith("kowikitext_dataset"):
+        node.update(source="csv", data_files=str(ASSETS / "kowiki_tiny.csv"))
+    elif node["_component_"].endswith("kolima_dataset"):
+        node.update(data_files=str(ASSETS / "kolima_tiny.jsonl"))
+    elif "source" in node and node.get("source") is not None:
+        node.update(data_files=str(ASSETS / "bilima_paired.jsonl"))
+    else:
+        node.update(en_data_files=str(ASSETS / "lima_en_tiny.jsonl"), ko_data_files=str(ASSETS / "kolima_tiny.jsonl"))
+    return node

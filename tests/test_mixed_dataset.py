@@ -141,3 +141,37 @@ def test_a_packed_source_is_refused_with_the_fix(tok):
 def test_a_source_error_names_its_file(tok, tmp_path):
     with pytest.raises(FileNotFoundError):
         mixed_dataset(tok, datasets=[EN, {**ZH, "data_files": str(tmp_path / "missing.jsonl")}], weights=[1, 1])
+
+
+@pytest.mark.integration
+def test_tiny_alpaca_mix_trains_packed_through_the_real_recipe_and_logs_its_shares(tiny_instruct, tmp_path):
+    from tests.test_recipes_integration import logged_losses, tune_cpu, wait_ok
+
+    out, log = tmp_path / "alpaca", tmp_path / "alpaca.log"
+    wait_ok(tune_cpu([
+        "lora_finetune_single_device", "--config", "configs/tiny/alpaca_en_zh_lora.yaml", f"output_dir={out}",
+        f"checkpointer.checkpoint_dir={tiny_instruct}", f"tokenizer.path={tiny_instruct}/original/tokenizer.model",
+        "max_steps_per_epoch=1",
+    ], log, nproc=None), log)
+    text = log.read_text()
+    assert "mixed_dataset: 15 samples (stop=all_exhausted, seed 2024)" in text
+    assert "alpaca_dataset(tests/assets/alpaca_en_tiny.jsonl): 8 samples (53.3 %; 1.00 passes over 8 rows)" in text
+    assert sorted(logged_losses(out)) == [1]
+
+
+@pytest.mark.integration
+def test_tiny_stage3_with_english_replay_trains_on_two_distributed_ranks(tiny_instruct, tmp_path):
+    """The stage-3 twin with its replay share on: mixed_dataset under lora_finetune_distributed's sampler."""
+    from tests.test_recipes_integration import logged_losses, tune_cpu, wait_ok
+
+    out, log = tmp_path / "stage3", tmp_path / "stage3.log"
+    wait_ok(tune_cpu([
+        "lora_finetune_distributed", "--config", "configs/tiny/stage3_kolima_bilima_lora.yaml", f"output_dir={out}",
+        f"checkpointer.checkpoint_dir={tiny_instruct}", f"tokenizer.path={tiny_instruct}/original/tokenizer.model",
+        "dataset.weights=[1,1,1,1]", "max_steps_per_epoch=1",
+    ], log), log)
+    text = log.read_text()
+    # each rank builds the same mix (and tools.tune_cpu's pre-flight check builds it once more)
+    assert text.count("mixed_dataset: 12 samples (stop=all_exhausted, seed 2024)") >= 2
+    assert "kolima_dataset(tests/assets/lima_en_tiny.jsonl): 3 samples (25.0 %" in text
+    assert sorted(logged_losses(out)) == [1]

@@ -160,8 +160,9 @@ def _build_source(spec: Any, tokenizer: Transform | None, i: int) -> tuple[Datas
         if tokenizer is None:
             raise ValueError(f"mixed_dataset: datasets[{i}] is a config ({spec['_component_']}); pass the tokenizer")
         name = str(spec["_component_"]).rsplit(".", 1)[-1]
-        files = spec.get("data_files") or spec.get("source")
-        return tt_config.instantiate(OmegaConf.create(dict(spec)), tokenizer), f"{name}({files})" if files else name
+        files = spec.get("data_files") or spec.get("en_data_files") or spec.get("source")
+        details = ", ".join(str(x) for x in (spec.get("mode"), files) if x)
+        return tt_config.instantiate(OmegaConf.create(dict(spec)), tokenizer), f"{name}({details})" if details else name
     if isinstance(spec, Dataset) or (hasattr(spec, "__len__") and hasattr(spec, "__getitem__")):
         return spec, type(spec).__name__
     raise ValueError(

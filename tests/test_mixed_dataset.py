@@ -133,6 +133,11 @@ def test_bad_weights_or_stop_are_one_line_errors(tok, kwargs, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_source_that_is_neither_a_config_nor_a_dataset_is_refused(tok):
+    with pytest.raises(ValueError, match=r"datasets\[1\] is str; expected a dataset config"):
+        mixed_dataset(tok, datasets=[EN, "tests/assets/alpaca_zh_tiny.jsonl"], weights=[1, 1])
+
+
 def test_a_packed_source_is_refused_with_the_fix(tok):
     with pytest.raises(ValueError, match=r"datasets\[1\] .* is packed; set packed: False on it and packed: True"):
         mixed_dataset(tok, datasets=[EN, {**ZH, "packed": True}], weights=[1, 1])

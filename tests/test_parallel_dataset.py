@@ -115,6 +115,12 @@ def test_empty_sides_and_misaligned_pairs_are_dropped_and_counted_in_one_log_lin
     assert "48 kept x 1 direction(s) = 48 samples" in logged[0]
 
 
+def test_a_file_where_every_pair_is_dropped_says_so(tok, tmp_path):
+    (tmp_path / "one.tsv").write_text("ko\tzh\n달이 밝다.\n", encoding="utf-8")  # no tab: no Chinese side
+    with pytest.raises(ValueError, match=r"all 1 pairs were dropped \(1 with an empty side, 0 misaligned\)"):
+        parallel_dataset(tok, source="tsv", data_files=str(tmp_path / "one.tsv"))
+
+
 def test_the_ratio_check_can_be_switched_off(tok, tmp_path):
     ko, zh = lines(PAR / "train.ko"), lines(PAR / "train.zh")
     ds = parallel_dataset(tok, source="moses", data_files=write_pair(tmp_path, ko + [ko[0]], zh + [zh[0] * 4]),

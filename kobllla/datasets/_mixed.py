@@ -163,7 +163,9 @@ def _build_source(spec: Any, tokenizer: Transform | None, i: int) -> tuple[Datas
         files = spec.get("data_files") or spec.get("en_data_files") or spec.get("source")
         details = ", ".join(str(x) for x in (spec.get("mode"), files) if x)
         return tt_config.instantiate(OmegaConf.create(dict(spec)), tokenizer), f"{name}({details})" if details else name
-    if isinstance(spec, Dataset) or (hasattr(spec, "__len__") and hasattr(spec, "__getitem__")):
+    if isinstance(spec, Dataset) or (
+        not isinstance(spec, (str, bytes, Mapping)) and hasattr(spec, "__len__") and hasattr(spec, "__getitem__")
+    ):
         return spec, type(spec).__name__
     raise ValueError(
         f"mixed_dataset: datasets[{i}] is {type(spec).__name__}; expected a dataset config "

@@ -325,7 +325,10 @@ def parallel_dataset(
     where = _describe(source, data_files, src_lang, tgt_lang)
     _log_cleaning(where, stats, len(kept), len(langs), src_lang, tgt_lang)
     if not kept:
-        raise ValueError(f"parallel_dataset({where}): every pair was dropped ({stats}); nothing to train on")
+        raise ValueError(
+            f"parallel_dataset({where}): all {stats['pairs']} pairs were dropped ({stats['empty']} with an empty side, "
+            f"{stats['misaligned']} misaligned); check src_column/tgt_column and the file's quoting"
+        )
     conversations = []
     for pair in kept:
         for src, tgt in langs:

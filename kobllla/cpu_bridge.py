@@ -11,6 +11,13 @@ module bridges those and nothing else, then runs the unmodified recipe file:
    (``training.cleanup_before_training`` calls them): no-ops on CPU.
 
 With CUDA available, :func:`apply` changes nothing, so the same command works on a GPU box.
+
+Before any worker starts, :func:`launch` reads the config as ``tune run`` does (YAML plus
+``key=value`` overrides) and builds its tokenizer and every dataset it names
+(:func:`check_datasets`): a bad row is reported in one line before torchrun prints anything.
+If a worker fails anyway, the launcher's last line repeats the first exception line a worker
+printed, so the cause is not buried under torchrun's summary.
+
 Worker entry point (what ``tools.tune_cpu`` starts under torchrun)::
 
     python -m kobllla.cpu_bridge <recipe.py> --config <config.yaml> [key=value ...]
@@ -18,11 +25,15 @@ Worker entry point (what ``tools.tune_cpu`` starts under torchrun)::
 
 from __future__ import annotations
 
+import os
+import re
 import resource
 import runpy
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -86,30 +97,183 @@ def stock_recipe_path(recipe: str) -> Path:
     return Path(torchtune.__file__).parent.parent / "recipes" / recipes[recipe].file_path
 
 
-def launch(recipe: str, recipe_args: list[str], *, nproc_per_node: int | None = None) -> int:
+def load_config(config: Path, overrides: list[str]):
+    """The ``DictConfig`` a recipe sees: the YAML merged with ``key=value`` / ``~key`` overrides
+    by torchtune's own ``_merge_yaml_and_cli_args`` (as ``tune run`` does).
+
+    Raises:
+        FileNotFoundError: no such config file.
+        ValueError: the YAML does not parse, or an override is not ``key=value``.
+    """
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file; the shipped configs are under configs/tiny/ "
+                                "(CPU) and configs/llama3_8b/ (GPU)")
+    from argparse import Namespace
+
+    from omegaconf import OmegaConf
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml's and omegaconf's parse errors share no base class
+        raise ValueError(f"--config {path}: not valid YAML ({_first_line(exc)}); fix the file") from None
+    if not isinstance(loaded, dict) and not OmegaConf.is_dict(loaded):
+        raise ValueError(f"--config {path}: expected a mapping of recipe settings, got {type(loaded).__name__}")
+    bad = [o for o in overrides if "=" not in o and not o.startswith("~")]
+    if bad:
+        raise ValueError(f"unknown argument {bad[0]!r}: after the recipe pass --config FILE and key=value "
+                         "overrides (e.g. epochs=1 dataset.data_files=my.jsonl)")
+    return _merge_yaml_and_cli_args(Namespace(**OmegaConf.to_container(loaded, resolve=False)), list(overrides))
+
+
+def check_checkpoint(cfg, *, config: Path) -> None:
+    """The ``checkpointer``'s directory and listed weight files exist (the recipe loads them first).
+
+    Raises:
+        FileNotFoundError: naming the config key to fix.
+    """
+    from omegaconf import ListConfig
+
+    ck = cfg.get("checkpointer")
+    if ck is None or ck.get("checkpoint_dir") is None:
+        return
+    where = Path(str(ck.checkpoint_dir))
+    if not where.is_dir():
+        raise FileNotFoundError(f"{config}: checkpointer.checkpoint_dir {where} does not exist; pass "
+                                "checkpointer.checkpoint_dir=DIR (the model to train from)")
+    files = ck.get("checkpoint_files")
+    missing = [str(f) for f in files if not (where / str(f)).is_file()] if isinstance(files, ListConfig) else []
+    if missing:
+        raise FileNotFoundError(f"{config}: checkpointer.checkpoint_files: {missing[0]} is not in {where} "
+                                f"({len(missing)} missing); pass checkpointer.checkpoint_files=[...] naming its files")
+
+
+def check_datasets(cfg, *, config: Path) -> int:
+    """Builds the config's tokenizer and each ``dataset`` component the way the recipe will
+    (``instantiate(cfg_dataset, tokenizer)``), so bad data fails here, once, in one line.
+    Returns how many datasets were built (0 when the config names no tokenizer or dataset).
+
+    Raises:
+        ValueError: building the tokenizer or a dataset failed with a user error; the message
+            names the config, the component and the builder's own one-line message.
+    """
+    if "dataset" not in cfg or "tokenizer" not in cfg:
+        return 0
+    from omegaconf import ListConfig
+    from torchtune import config as tt_config
+
+    tokenizer = _built(lambda: tt_config.instantiate(cfg.tokenizer), f"{config}: tokenizer")
+    parts = list(cfg.dataset) if isinstance(cfg.dataset, ListConfig) else [cfg.dataset]
+    for i, part in enumerate(parts):
+        where = f"dataset[{i}]" if isinstance(cfg.dataset, ListConfig) else "dataset"
+        _built(lambda part=part: tt_config.instantiate(part, tokenizer),
+               f"{config}: {where} ({part.get('_component_', '?')})")
+    return len(parts)
+
+
+def _built(build, where: str):
+    from kobllla.cli import one_line
+
+    try:
+        return build()
+    except (ValueError, OSError, KeyError, TypeError) as exc:  # bad path, row, field or argument
+        raise ValueError(f"{where}: {one_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def launch(recipe: str, recipe_args: list[str], *, nproc_per_node: int | None = None,
+           check_data: bool = True) -> int:
     """Runs a stock recipe with the CPU bridges, like ``tune run``; returns its exit code.
 
-    Distributed recipes (or any ``nproc_per_node``) start under ``torch.distributed.run``
-    (``--standalone``), one process per rank; single-device recipes run in a child process.
+    ``recipe_args`` are ``--config FILE`` and ``key=value`` overrides. The config is read and
+    (``check_data``) its checkpoint files checked and its datasets built first
+    (:func:`check_checkpoint`, :func:`check_datasets`). Distributed recipes (or
+    any ``nproc_per_node``) start under ``torch.distributed.run`` (``--standalone``), one process
+    per rank; single-device recipes run in a child process.
+
+    Raises:
+        FileNotFoundError, ValueError: unknown recipe, missing config, bad override or bad data.
     """
     stock_recipe_path(recipe)  # fail fast on an unknown name
+    config, overrides = _split_config(recipe_args)
+    cfg = load_config(config, overrides)
+    if check_data:
+        check_checkpoint(cfg, config=config)
+        check_datasets(cfg, config=config)
     worker = ["-m", "kobllla.cpu_bridge", recipe, *recipe_args]
     if nproc_per_node is None and "distributed" in Path(recipe).stem:
         nproc_per_node = 1
     if nproc_per_node is not None:
         if nproc_per_node < 1:
             raise ValueError(f"nproc_per_node must be at least 1, got {nproc_per_node}")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}", *worker]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+               *worker]
     else:
         cmd = [sys.executable, *worker]
-    return subprocess.call(cmd)
+    return run_reporting_cause(cmd)
+
+
+def _split_config(recipe_args: list[str]) -> tuple[Path, list[str]]:
+    args = list(recipe_args)
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            return Path(args[i + 1]), args[:i] + args[i + 2:]
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1]), args[:i] + args[i + 1:]
+    raise ValueError("missing --config FILE: the recipe's YAML config, "
+                     "e.g. --config configs/tiny/stage1_kowiki_lora.yaml")
+
+
+# An exception's last line as a worker prints it (torchrun prefixes "[rankN]: "); torchrun's own
+# ChildFailedError summary is not a cause.
+_CAUSE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_][\w.]*(?:Error|Exception)|error): .+)$")
+
+
+def run_reporting_cause(cmd: list[str]) -> int:
+    """Runs ``cmd``, passing its output through; if it fails, prints ``error: ...`` with the first
+    exception line it printed as the last line, and returns its exit code."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    causes: list[str] = []
+    pumps = [threading.Thread(target=_pump, args=(src, dst, causes), daemon=True)
+             for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+    for t in pumps:
+        t.start()
+    rc = proc.wait()
+    for t in pumps:
+        t.join()
+    if rc != 0:
+        from kobllla.cli import one_line
+
+        cause = causes[0] if causes else "no exception line in its output; see above"
+        print(f"error: the recipe failed (exit {rc}): {one_line(cause)}", file=sys.stderr, flush=True)
+    return rc
+
+
+def _pump(src: IO[bytes], dst: IO[str], causes: list[str]) -> None:
+    """Copies ``src`` to ``dst`` as it arrives (progress bars too) and notes exception lines."""
+    partial = b""
+    while chunk := os.read(src.fileno(), 1 << 16):
+        dst.buffer.write(chunk)
+        dst.flush()
+        *lines, partial = (partial + chunk).replace(b"\r", b"\n").split(b"\n")
+        for line in lines:
+            match = _CAUSE.match(line.decode("utf-8", "replace").strip())
+            if match and "ChildFailedError" not in match.group(1):
+                causes.append(match.group(1))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Applies the bridges, then runs the recipe file as ``__main__`` with the rest of argv."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        print("usage: python -m kobllla.cpu_bridge <recipe name or .py> --config <yaml> [key=value ...]", file=sys.stderr)
+        print("usage: python -m kobllla.cpu_bridge <recipe name or .py> --config <yaml> [key=value ...]",
+              file=sys.stderr)
         return 2
     recipe = stock_recipe_path(argv[0])
     apply()

@@ -155,7 +155,8 @@ def test_saved_vector_applied_later_equals_one_shot(tiny: dict[str, Path], tmp_p
 # ------------------------------------------------------------------ output files
 
 
-def test_output_loads_in_transformers_and_torchtune_with_the_merged_weights(tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_output_loads_in_transformers_and_torchtune_with_the_merged_weights(
+        tiny: dict[str, Path], tmp_path: Path) -> None:
     from torchtune.models.convert_weights import hf_to_tune
     from torchtune.training.checkpointing import FullModelHFCheckpointer
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -177,7 +178,8 @@ def test_output_loads_in_transformers_and_torchtune_with_the_merged_weights(tiny
                    "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
 
-def test_output_takes_chat_settings_from_instruct_and_vocabulary_from_target(tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_output_takes_chat_settings_from_instruct_and_vocabulary_from_target(
+        tiny: dict[str, Path], tmp_path: Path) -> None:
     out = merge(tiny, tmp_path / "out")
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["eos_token_id"], cfg["vocab_size"], cfg["torch_dtype"]) == (128009, 128256, "bfloat16")
@@ -188,7 +190,8 @@ def test_output_takes_chat_settings_from_instruct_and_vocabulary_from_target(tin
     assert manifest["files_from"]["tokenizer_config.json"] == "target (chat_template, eos_token from instruct)"
 
 
-def test_manifest_records_inputs_with_true_hashes_ratio_policy_and_outputs(tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_manifest_records_inputs_with_true_hashes_ratio_policy_and_outputs(
+        tiny: dict[str, Path], tmp_path: Path) -> None:
     out = merge(tiny, tmp_path / "out", ratio=0.25, hash_files=True)
     m = json.loads((out / MANIFEST_NAME).read_text())
     assert (m["operation"], m["ratio"], m["embeddings"]["policy"], m["versions"]["kobllla"]) == \
@@ -304,17 +307,21 @@ def test_mismatched_shape_is_refused_naming_tensor_shapes_and_files(trio: dict[s
 
 def test_missing_tensor_is_refused(trio: dict[str, Path], tmp_path: Path) -> None:
     trio["target"] = micro(tmp_path / "tied", seed=2, drop=("lm_head.weight",))
-    refused(tmp_path, ValueError, r"missing tensor: lm_head.weight is in instruct \(.*instruct\) but not in target", **trio)
+    refused(tmp_path, ValueError, r"missing tensor: lm_head.weight is in instruct \(.*instruct\) but not in target",
+            **trio)
 
 
 def test_different_architecture_is_refused_naming_field_and_files(trio: dict[str, Path], tmp_path: Path) -> None:
     trio["target"] = micro(tmp_path / "gqa", seed=2, num_key_value_heads=2)
-    refused(tmp_path, ValueError, r"architecture differs: num_key_value_heads is 1 in instruct \(.*instruct/config.json\) "
+    refused(tmp_path, ValueError, r"architecture differs: num_key_value_heads is 1 in instruct "
+                                  r"\(.*instruct/config.json\) "
                                   r"but 2 in target \(.*gqa/config.json\)", **trio)
     trio["target"] = micro(tmp_path / "rope", seed=2, rope_theta=10000.0)
-    refused(tmp_path, ValueError, r"architecture differs: rope_theta is 500000.0 in instruct .* but 10000.0 in target", **trio)
+    refused(tmp_path, ValueError, r"architecture differs: rope_theta is 500000.0 in instruct .* but 10000.0 in target",
+            **trio)
     trio["target"] = micro(tmp_path / "rope31", seed=2,
-                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192})
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                         "original_max_position_embeddings": 8192})
     refused(tmp_path, ValueError, r"architecture differs: rope_scaling is None in instruct .* but "
                                   r"\{'rope_type': 'llama3', 'factor': 8.0, .*\} in target", **trio)
 
@@ -325,7 +332,8 @@ def test_nan_in_any_input_is_refused_with_its_location_and_nothing_is_left(
     trio[role] = micro(tmp_path / f"nan-{role}", seed={"base": 0, "instruct": 1, "target": 2}[role],
                        poke=("model.layers.0.mlp.up_proj.weight", 11, float("nan")))
     refused(tmp_path, ValueError, rf"non-finite value in {role}: tensor model.layers.0.mlp.up_proj.weight in "
-                                  rf".*nan-{role}/model.safetensors has nan at flat index 11 \(row 2, column 3\)", **trio)
+                                  rf".*nan-{role}/model.safetensors has nan at flat index 11 \(row 2, column 3\)",
+            **trio)
 
 
 def test_result_outside_the_output_dtype_is_refused(trio: dict[str, Path], tmp_path: Path) -> None:
@@ -365,7 +373,8 @@ def test_unknown_policy_is_refused_listing_the_choices(trio: dict[str, Path], tm
 # ------------------------------------------------------------------ vocabulary policies
 
 
-def test_extended_vocabulary_is_an_error_by_default_naming_tensors_and_shapes(trio: dict[str, Path], tmp_path: Path) -> None:
+def test_extended_vocabulary_is_an_error_by_default_naming_tensors_and_shapes(
+        trio: dict[str, Path], tmp_path: Path) -> None:
     trio["target"] = micro(tmp_path / "ko", seed=2, vocab=10)
     refused(tmp_path, ValueError, r"vocabulary differs: model.embed_tokens.weight \[10, 4\] in target vs \[8, 4\] in "
                                   r"base/instruct; lm_head.weight \[10, 4\] in target vs \[8, 4\] in base/instruct; "
@@ -409,7 +418,8 @@ def test_cli_merges_and_says_which_policy_was_used(trio: dict[str, Path], tmp_pa
                    "--out", str(tmp_path / "o"), "--ratio", "0.5", "--quiet", "--no-hash"])
     printed = capsys.readouterr().out
     assert rc == 0
-    assert "merge: 4 tensors" in printed and "ratio 0.5, embeddings: vocabularies match (a mismatch would have been refused)" in printed
+    assert "merge: 4 tensors" in printed
+    assert "ratio 0.5, embeddings: vocabularies match (a mismatch would have been refused)" in printed
     assert_same_bits(load_all(tmp_path / "o"), reference(trio["base"], trio["instruct"], trio["target"], 0.5))
 
 
@@ -447,7 +457,8 @@ def test_auto_dtype_keeps_each_target_tensors_dtype_and_float32_skips_rounding(t
     assert json.loads((tmp_path / "auto" / MANIFEST_NAME).read_text())["output_dtypes"] == ["bfloat16", "float32"]
 
 
-def test_bfloat16_vector_is_half_the_size_and_rounds_the_difference_once_more(trio: dict[str, Path], tmp_path: Path) -> None:
+def test_bfloat16_vector_is_half_the_size_and_rounds_the_difference_once_more(
+        trio: dict[str, Path], tmp_path: Path) -> None:
     vec = extract_chat_vector(base=trio["base"], instruct=trio["instruct"], out=tmp_path / "vec",
                               options=ChatVectorOptions(vector_dtype="bfloat16", hash_files=False)).out
     b, i, t = load_all(trio["base"]), load_all(trio["instruct"]), load_all(trio["target"])

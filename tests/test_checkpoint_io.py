@@ -195,7 +195,8 @@ def test_meta_consolidated_pth_reads_as_hf_names_with_q_k_rows_back_in_hf_order(
     assert "layers.0.attention.wq.weight" in meta
     assert not torch.equal(meta["layers.0.attention.wq.weight"], hf["model.layers.0.self_attn.q_proj.weight"])
     torch.save(meta, tmp_path / "consolidated.00.pth")
-    (tmp_path / "params.json").write_text(json.dumps({"dim": dim, "n_heads": heads, "n_kv_heads": kv_heads, "n_layers": 1}))
+    params = {"dim": dim, "n_heads": heads, "n_kv_heads": kv_heads, "n_layers": 1}
+    (tmp_path / "params.json").write_text(json.dumps(params))
     with open_checkpoint(tmp_path) as ck:
         assert ck.format == "torch-meta"
         assert set(ck.tensors) == set(hf)

@@ -1,33 +1,44 @@
 """`tune run` for machines without CUDA: the stock torchtune 0.6.1 recipes, bridged for CPU.
 
-    python -m tools.tune_cpu --nproc_per_node 2 lora_finetune_distributed \
+    python -m tools.tune_cpu --nproc_per_node 2 lora_finetune_distributed \\
         --config configs/tiny/stage1_kowiki_lora.yaml
     python -m tools.tune_cpu lora_finetune_single_device --config configs/tiny/stage1_kowiki_qlora_single_device.yaml
+    # key=value overrides after the config, as with `tune run` (~key removes a key)
+    python -m tools.tune_cpu --nproc_per_node 2 lora_finetune_distributed \\
+        --config configs/tiny/stage3_kolima_bilima_lora.yaml epochs=1 output_dir=runs/tiny/try
 
-Same arguments as `tune run` (recipe name or a .py path, --config, key=value overrides). The
-recipe files are torchtune's own; kobllla.cpu_bridge only swaps NCCL for gloo and bridges CUDA
-memory calls (see its docstring). With CUDA present it changes nothing: on a GPU box use
+Arguments as `tune run`: a recipe name (or a .py path), --config FILE, then key=value overrides.
+Before any worker starts, the config is read with the overrides and its tokenizer and datasets
+are built once, so a bad row or path is one `error:` line (--skip-data-check skips this). If
+the run fails later, its last line is `error: ...` with the first exception a worker printed.
+The recipe files are torchtune's own; kobllla.cpu_bridge only swaps NCCL for gloo and bridges
+CUDA memory calls (see its docstring). With CUDA present it changes nothing: on a GPU box use
 `tune run` directly.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from kobllla.cli import make_parser, run
 from kobllla.cpu_bridge import launch
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--nproc_per_node", type=int, default=None, help="processes (ranks) on this machine")
+    parser = make_parser(__doc__, prog="python -m tools.tune_cpu")
+    parser.add_argument("--nproc_per_node", type=int, default=None,
+                        help="processes (ranks) on this machine (default: 1 for a distributed recipe)")
+    parser.add_argument("--config", required=True, metavar="FILE",
+                        help="the recipe's YAML config, e.g. configs/tiny/stage1_kowiki_lora.yaml")
+    parser.add_argument("--skip-data-check", action="store_true",
+                        help="start the workers without building the datasets first")
     parser.add_argument("recipe", help="torchtune recipe name (e.g. lora_finetune_distributed) or a .py path")
-    args, recipe_args = parser.parse_known_args(argv)
-    try:
-        return launch(args.recipe, recipe_args, nproc_per_node=args.nproc_per_node)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, as with tune run (e.g. epochs=1 dataset.data_files=x.jsonl)")
+    args, unknown = parser.parse_known_args(argv)
+    overrides = [*args.overrides, *unknown]
+    return run(lambda: launch(args.recipe, ["--config", args.config, *overrides],
+                              nproc_per_node=args.nproc_per_node, check_data=not args.skip_data_check))
 
 
 if __name__ == "__main__":

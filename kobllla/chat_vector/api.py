@@ -66,7 +66,7 @@ class ChatVectorOptions:
         overwrite (bool): replace an existing ``out``.
         max_shard_bytes (int): output shard size.
         chunk_elements (int): elements per streamed slice; memory is about
-            ``(workers + 1) x 30 bytes x chunk_elements`` (1M: ~300 MB with 8 workers).
+            ``(workers + 1) x 42 bytes x chunk_elements`` (1M: ~0.4 GB with 8 workers).
         workers (int | None): threads reading, computing and hashing slices (each torch op
             single-threaded); None: :func:`default_workers`.
         progress (bool): show a progress bar (bytes read, GB/s) on stderr.

@@ -29,7 +29,7 @@ class Streamer:
 
     Slices are computed by ``workers`` threads, each with its own buffers, while the caller's
     thread writes finished slices in order; at most ``workers + 1`` slices are in flight, so
-    memory is bounded by that many buffer sets (~30 bytes x ``chunk_elements`` each). Each
+    memory is bounded by that many buffer sets (~42 bytes x ``chunk_elements`` each). Each
     torch op runs single-threaded: on a shared machine OpenMP's threads, descheduled by other
     jobs, made every op wait for the slowest (measured: 8x slower at load 9 on 2 cores).
     """

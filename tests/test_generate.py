@@ -320,8 +320,9 @@ def test_cli_writes_rows_and_refuses_bad_input_in_one_line(models, tmp_path):
                                                    "use one of system, user, assistant")
     assert "Traceback" not in bad.stderr and not (tmp_path / "x.jsonl").exists()
     other = write_rows(tmp_path / "other.jsonl", [{"id": "zz", "prompt": "x"}])
-    bad = run_cli("--model", str(models["instruct"]), "--prompts", str(other), "--out", str(out))
-    assert bad.returncode == 2 and "this --out belongs to another prompts file" in bad.stderr
+    with pytest.raises(ValueError, match=r"a.jsonl: line 1: field 'id' \"ko\" is not in .*other.jsonl; this --out "
+                                         r"belongs to another prompts file: pick another --out"):
+        generate_file(model=models["instruct"], prompts=other, out=out, options=GenerationOptions(), progress=False)
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2
 
 

@@ -13,6 +13,11 @@ in its own process on the same GPU, on the same packs of Korean text:
 4. the peer: transformers + peft on the same checkpoint, same packs (document masking from
    ``position_ids``, SDPA), same LoRA targets (q, v, r 8, alpha 16), AdamW, bf16, eager.
 
+``--variants stock,fused,fp8`` runs ours once per component set instead (``VARIANTS``: torchtune's
+model and loss; kobllla's fused output projection + loss; that plus float8 base matmuls), same packs,
+same seed, and compares each run's per-step losses with the first's (``loss_agreement``);
+``--loss-micro`` also times the output projection + loss alone (torchtune's, kobllla's, Liger's).
+
 It prints, and writes to ``OUT/results.json`` and ``OUT/summary.md``: useful (trained, non-padding)
 tokens/s/GPU in steady state, MFU, peak GiB, start-up time to the first step, padding share and
 the no-token-dropped check of the packed data.

@@ -103,3 +103,19 @@ def test_shared_kv_prefix_scores_equal_lm_evals_own_loglikelihoods(lm):
     for (w, wg), (g, gg), (p, pg) in zip(want, got, plain, strict=True):
         assert g == pytest.approx(w, abs=1e-4) and p == pytest.approx(w, abs=1e-4)
         assert gg == wg == pg
+
+
+def test_lm_evals_environment_report_is_skipped_inside_and_restored_after():
+    import lm_eval.evaluator
+
+    from kobllla.evaluation._runner import _no_env_report
+
+    real = lm_eval.evaluator.add_env_info
+    with _no_env_report():
+        storage: dict = {}
+        lm_eval.evaluator.add_env_info(storage)
+        assert storage == {}
+    assert lm_eval.evaluator.add_env_info is real
+    storage = {}
+    real(storage)
+    assert "pretty_env_info" in storage  # what simple_evaluate would have spent ~3 s on

@@ -132,3 +132,28 @@ def test_a_person_in_a_terminal_chats_with_a_system_message_resets_and_exits(mod
         subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)
     assert "chat with" in text and "/reset, /exit" in text
     assert "Traceback" not in text
+
+
+def test_ctrl_c_while_the_model_writes_drops_that_answer_and_the_chat_goes_on(model):
+    from kobllla.generation import chat_loop
+
+    loaded = load_model(model)
+    session = ChatSession(loaded, GenerationOptions(max_new_tokens=NEW))
+    lines = iter(["first question\n", "second question\n", "/exit\n", "never read\n"])
+    written: list[str] = []
+    notes: list[str] = []
+    pieces = {"n": 0}
+
+    def write(text: str) -> None:
+        pieces["n"] += 1
+        if pieces["n"] == 2:  # Ctrl-C arrives while the first answer streams
+            raise KeyboardInterrupt
+        written.append(text)
+
+    def read(_prompt: str) -> str:
+        return next(lines)
+
+    answers = chat_loop(session, read=read, write=write, note=notes.append, interactive=False)
+    assert answers == 1 and "(interrupted; this answer is not kept)" in notes
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["second question"]
+    loaded.close()

@@ -168,6 +168,24 @@ def test_generate_file_resumes_after_a_killed_run_and_matches_a_full_run(models,
     assert (third.generated, third.skipped) == (0, 3)
 
 
+def test_a_resume_with_other_generation_flags_is_refused_and_the_file_kept(models, tmp_path):
+    prompts = write_rows(tmp_path / "p.jsonl", ROWS[:1])
+    out = tmp_path / "out.jsonl"
+    generate_file(model=models["instruct"], prompts=prompts, out=out, options=GenerationOptions(max_new_tokens=3),
+                  progress=False)
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match=r"out.jsonl was written with --max-new-tokens 3, not 4 .*same --max-new"):
+        generate_file(model=models["instruct"], prompts=prompts, out=out,
+                      options=GenerationOptions(max_new_tokens=4), progress=False)
+    with pytest.raises(ValueError, match=r"written with --model .*pick a new --out"):
+        generate_file(model=models["base"], prompts=prompts, out=out, options=GenerationOptions(max_new_tokens=3),
+                      progress=False)
+    assert out.read_bytes() == before
+    again = generate_file(model=models["instruct"], prompts=prompts, out=out,
+                          options=GenerationOptions(max_new_tokens=3, batch_size=4), progress=False)
+    assert (again.generated, again.skipped) == (0, 1)
+
+
 @pytest.fixture(scope="module")
 def lora_epoch(models, tmp_path_factory) -> dict[str, Path]:
     """A real torchtune LoRA save (FullModelHFCheckpointer, as the recipes call it) from the instruct dir."""

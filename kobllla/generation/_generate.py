@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from kobllla.atomic import refuse_output_over_inputs
+from kobllla.atomic import refuse_output_over_inputs, write_json
 from kobllla.chat_format import LLAMA3_CHAT_TEMPLATE, stop_token_ids
 from kobllla.generation._prompts import read_prompts, row_key
+from kobllla.jsonl import read_json
 from kobllla.model_dir import resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -343,7 +344,8 @@ def generate_file(*, model: Path, prompts: Path, out: Path, options: GenerationO
 
     Rows already in ``out`` (by id) are skipped; each new row is appended as one whole line and flushed,
     so a killed run leaves only complete rows (an unfinished last line is dropped on the next run).
-    Prompts are validated before the model loads.
+    ``OUT.settings.json`` records the model and the flags that decide a row's text; a resume with
+    others is refused. Prompts are validated before the model loads.
 
     Raises:
         ValueError / FileNotFoundError: one line (bad prompts, bad model dir, ``out`` over an input).
@@ -355,6 +357,7 @@ def generate_file(*, model: Path, prompts: Path, out: Path, options: GenerationO
         raise ValueError(f"--out {out} is a directory; pass a .jsonl file path")
     refuse_output_over_inputs(out, [prompts, Path(model), base])
     rows = read_prompts(prompts)
+    check_resume_settings(out, model=Path(model), base=base, options=options)
     skip = done_ids(out, prompts, {row_key(r["id"]) for r in rows})
     todo = [r for r in rows if row_key(r["id"]) not in skip]
     loaded = load_model(Path(model), base=base, device=options.device, dtype=options.dtype)
@@ -363,6 +366,38 @@ def generate_file(*, model: Path, prompts: Path, out: Path, options: GenerationO
                            progress=progress)
     finally:
         loaded.close()
+
+
+# What decides a row's text; batch size and device do not (greedy rows equal their unbatched run).
+_RESUME_KEYS = ("max_new_tokens", "temperature", "top_p", "seed", "dtype")
+
+
+def settings_path(out: Path) -> Path:
+    """The sidecar recording what wrote ``out``: ``OUT.settings.json`` beside it."""
+    return out.with_name(out.name + ".settings.json")
+
+
+def check_resume_settings(out: Path, *, model: Path, base: Path | None, options: GenerationOptions) -> None:
+    """Writes the settings sidecar on a first run; refuses a resume whose model or flags differ.
+
+    Raises:
+        ValueError: naming the flag that differs and both values.
+    """
+    want = {"model": str(model.resolve()), "base": None if base is None else str(Path(base).resolve()),
+            **{k: getattr(options, k) for k in _RESUME_KEYS}}
+    side = settings_path(out)
+    have = read_json(side)
+    if have is None:
+        if out.is_file() and out.stat().st_size > 0:
+            return  # written before settings were recorded: nothing to compare with
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(side, want)
+        return
+    for key, value in want.items():
+        if have.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{out} was written with {flag} {have.get(key)!r}, not {value!r} ({side}); "
+                             f"rerun with the same {flag} to resume, or pick a new --out")
 
 
 def _write_rows(loaded: LoadedModel, todo: list[dict], out: Path, options: GenerationOptions, *, total: int,

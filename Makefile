@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-unit demo clean
+.PHONY: venv test test-unit demo clean llama-cpp
 
 venv: $(STAMP)
 
@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,demo,gguf]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# llama.cpp's converter (convert_hf_to_gguf.py + gguf-py) from the llama-cpp-python sdist, into
+# ~/.cache/kobllla/llama.cpp-<version>/ (pip download; pip's cache has it after `make venv`). Once.
+llama-cpp: $(STAMP)
+	$(PY) -m tools.export_gguf --fetch-llama-cpp
+
+test: $(STAMP) llama-cpp
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP)

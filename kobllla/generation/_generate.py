@@ -386,13 +386,13 @@ def check_resume_settings(out: Path, *, model: Path, base: Path | None, options:
     want = {"model": str(model.resolve()), "base": None if base is None else str(Path(base).resolve()),
             **{k: getattr(options, k) for k in _RESUME_KEYS}}
     side = settings_path(out)
-    have = read_json(side)
-    if have is None:
-        if out.is_file() and out.stat().st_size > 0:
-            return  # written before settings were recorded: nothing to compare with
+    if not (out.is_file() and out.stat().st_size > 0):  # nothing written yet: these settings start the file
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(side, want)
         return
+    have = read_json(side)
+    if have is None:
+        return  # written before settings were recorded: nothing to compare with
     for key, value in want.items():
         if have.get(key) != value:
             flag = "--" + key.replace("_", "-")

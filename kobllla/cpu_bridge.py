@@ -186,6 +186,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def check_run(recipe: str, recipe_args: list[str]) -> tuple[Path, int]:
+    """Everything :func:`launch` checks before starting workers; returns the config path and how
+    many datasets were built. For ``tune run`` on GPUs, where no launcher of ours runs first."""
+    stock_recipe_path(recipe)
+    config, overrides = _split_config(recipe_args)
+    cfg = load_config(config, overrides)
+    check_checkpoint(cfg, config=config)
+    return config, check_datasets(cfg, config=config)
+
+
 def launch(recipe: str, recipe_args: list[str], *, nproc_per_node: int | None = None,
            check_data: bool = True) -> int:
     """Runs a stock recipe with the CPU bridges, like ``tune run``; returns its exit code.
@@ -199,12 +209,11 @@ def launch(recipe: str, recipe_args: list[str], *, nproc_per_node: int | None = 
     Raises:
         FileNotFoundError, ValueError: unknown recipe, missing config, bad override or bad data.
     """
-    stock_recipe_path(recipe)  # fail fast on an unknown name
-    config, overrides = _split_config(recipe_args)
-    cfg = load_config(config, overrides)
     if check_data:
-        check_checkpoint(cfg, config=config)
-        check_datasets(cfg, config=config)
+        check_run(recipe, recipe_args)
+    else:
+        stock_recipe_path(recipe)  # fail fast on an unknown name
+        load_config(*_split_config(recipe_args))
     worker = ["-m", "kobllla.cpu_bridge", recipe, *recipe_args]
     if nproc_per_node is None and "distributed" in Path(recipe).stem:
         nproc_per_node = 1

@@ -56,13 +56,14 @@ def last_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def bad_kolima_config(tmp_path: Path, checkpoint: Path | None = None) -> tuple[Path, Path]:
-    """Stage 3's tiny config with a KoLIMA file whose line 2 has one turn (an odd count)."""
+    """Stage 3's tiny config on one KoLIMA file whose line 2 has one turn (an odd count)."""
     good = (REPO / "tests" / "assets" / "kolima_tiny.jsonl").read_text(encoding="utf-8").splitlines()
     bad = tmp_path / "kolima_bad.jsonl"
     bad.write_text("\n".join([good[0], '{"conversations": ["질문만 있고 답이 없다"]}', *good[1:]]) + "\n",
                    encoding="utf-8")
     cfg = OmegaConf.load(STAGE3)
-    cfg.dataset = [{**OmegaConf.to_container(cfg.dataset[0]), "data_files": str(bad)}]
+    cfg.dataset = {"_component_": "kobllla.datasets.kolima_dataset", "source": "json", "data_files": str(bad),
+                   "packed": True}
     cfg.tokenizer.path = str(llama3_tokenizer_model_path())
     cfg.output_dir = str(tmp_path / "out")
     if checkpoint is not None:
@@ -108,7 +109,7 @@ def test_bad_dataset_row_is_reported_in_one_line_before_any_worker_starts(tmp_pa
     before = bad.read_bytes()
     proc = tune_cpu("--nproc_per_node", "2", "lora_finetune_distributed", "--config", str(config))
     assert proc.returncode == 2
-    assert re.fullmatch(rf"error: {re.escape(str(config))}: dataset\[0\] \(kobllla\.datasets\.kolima_dataset\): "
+    assert re.fullmatch(rf"error: {re.escape(str(config))}: dataset \(kobllla\.datasets\.kolima_dataset\): "
                         rf"{bad.name} line 2: field 'conversations' has 1 turns; expected user/assistant pairs .*",
                         last_line(proc)), last_line(proc)
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -124,3 +125,13 @@ def test_a_worker_failure_ends_with_its_one_line_cause(tmp_path: Path, tiny_base
     assert "[rank" in proc.stderr  # the workers ran and failed, with torchrun's summary after them
     want = rf"error: the recipe failed \(exit 1\): ValueError: {bad.name} line 2: field 'conversations' .*"
     assert re.fullmatch(want, last_line(proc)), last_line(proc)
+
+
+def test_check_only_builds_the_datasets_and_starts_nothing(tmp_path: Path, tiny_base: Path):
+    proc = tune_cpu("--check-only", "lora_finetune_distributed", "--config", str(STAGE3),
+                    f"checkpointer.checkpoint_dir={tiny_base}", f"tokenizer.path={llama3_tokenizer_model_path()}",
+                    f"output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == (f"ok: {STAGE3}: recipe lora_finetune_distributed, checkpoint "
+                                                    "files present, 1 dataset(s) built")
+    assert not (tmp_path / "out").exists() and "[rank" not in proc.stderr

@@ -3,6 +3,9 @@
     python -m tools.tune_cpu --nproc_per_node 2 lora_finetune_distributed \\
         --config configs/tiny/stage1_kowiki_lora.yaml
     python -m tools.tune_cpu lora_finetune_single_device --config configs/tiny/stage1_kowiki_qlora_single_device.yaml
+    # check a GPU run's config, checkpoint files and data here first, then start it with `tune run`
+    python -m tools.tune_cpu --check-only lora_finetune_distributed \\
+        --config configs/llama3_8b/stage3_kolima_bilima_lora.yaml
     # key=value overrides after the config, as with `tune run` (~key removes a key)
     python -m tools.tune_cpu --nproc_per_node 2 lora_finetune_distributed \\
         --config configs/tiny/stage3_kolima_bilima_lora.yaml epochs=1 output_dir=runs/tiny/try
@@ -21,7 +24,7 @@ from __future__ import annotations
 import sys
 
 from kobllla.cli import make_parser, run
-from kobllla.cpu_bridge import launch
+from kobllla.cpu_bridge import check_run, launch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,13 +35,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="the recipe's YAML config, e.g. configs/tiny/stage1_kowiki_lora.yaml")
     parser.add_argument("--skip-data-check", action="store_true",
                         help="start the workers without building the datasets first")
+    parser.add_argument("--check-only", action="store_true",
+                        help="check the config, checkpoint files and datasets, print what was checked, start nothing")
     parser.add_argument("recipe", help="torchtune recipe name (e.g. lora_finetune_distributed) or a .py path")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, as with tune run (e.g. epochs=1 dataset.data_files=x.jsonl)")
     args, unknown = parser.parse_known_args(argv)
-    overrides = [*args.overrides, *unknown]
-    return run(lambda: launch(args.recipe, ["--config", args.config, *overrides],
-                              nproc_per_node=args.nproc_per_node, check_data=not args.skip_data_check))
+    recipe_args = ["--config", args.config, *args.overrides, *unknown]
+    if args.check_only:
+        return run(lambda: _check(args.recipe, recipe_args))
+    return run(lambda: launch(args.recipe, recipe_args, nproc_per_node=args.nproc_per_node,
+                              check_data=not args.skip_data_check))
+
+
+def _check(recipe: str, recipe_args: list[str]) -> int:
+    config, datasets = check_run(recipe, recipe_args)
+    print(f"ok: {config}: recipe {recipe}, checkpoint files present, {datasets} dataset(s) built")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,18 +1,17 @@
-"""Pre-tokenized corpora: a text dataset as one flat uint32 token file plus document ends.
+"""Pre-tokenized corpora, the writer: a text dataset as one flat uint32 token file plus document ends.
 
 torchtune tokenizes and packs the whole corpus in RAM every time a run starts (hours and
 out-of-memory on large corpora: torchtune issues #1051, #1149, #2180). Here the corpus is
-tokenized once, on every core, into a directory that training memory-maps::
-
-    OUT/tokens.uint32.bin   every document's tokens laid end to end, little-endian uint32
-    OUT/doc_ends.int64.bin  the stream offset where each document ends (document i+1 starts there)
-    OUT/manifest.json       written last: counts, source, tokenizer (sha256, special ids, a probe)
+tokenized once, on every core, into a directory that training memory-maps: ``tokens.uint32.bin``,
+``doc_ends.int64.bin`` and ``manifest.json`` (written last), the format of :mod:`kobllla.token_file`,
+which also holds its reader and checks.
 
 Each document is ``[bos] + encode(NFC(text)) + [eos]`` with empty rows skipped and counted,
-token for token what ``kobllla.datasets.kowikitext_dataset`` builds in memory. The output is
-built in a hidden sibling ``.OUT.partial`` that is committed (fsync'd, with a progress record)
-after every chunk of rows: a killed run resumes where it stopped when rerun with the same
-arguments, and ``OUT`` appears, by rename, only when complete.
+token for token what ``kobllla.datasets.kowikitext_dataset`` builds in memory (both call
+``kobllla.token_file.document_tokens``). The output is built in a hidden sibling ``.OUT.partial``
+that is committed (fsync'd, with a progress record) after every chunk of rows: a killed run
+resumes where it stopped when rerun with the same arguments, and ``OUT`` appears, by rename, only
+when complete.
 
 Size: 4 bytes a token and 8 a document (500 M tokens in 1.15 M articles: 2 GB + 9 MB). Measured
 throughput and start-up figures: docs/benchmarks.md, "Pre-tokenized corpora".
@@ -22,116 +21,43 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
-import unicodedata
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
-import kobllla
 from kobllla.atomic import pid_alive, refuse_output_over_inputs, replace_dir, write_json
 from kobllla.cli import cap
+from kobllla.pool import ordered_map, start_pool
 from kobllla.rows import LOCAL_FORMATS, iter_rows, require_field
+from kobllla.token_file import (  # the format; open_pretokenized re-exported for callers of this module
+    END_DTYPE,
+    ENDS_FILE,
+    MANIFEST,
+    TOKEN_DTYPE,
+    TOKENS_FILE,
+    document_tokens,
+    format_fields,
+    open_pretokenized,
+    partial_dir,
+    tokenizer_fields,
+)
+from kobllla.versions import package_versions
 
-KIND = "kobllla.pretokenized"
-FORMAT_VERSION = 1
-TOKENS_FILE = "tokens.uint32.bin"
-ENDS_FILE = "doc_ends.int64.bin"
-MANIFEST = "manifest.json"
+__all__ = ["ENDS_FILE", "MANIFEST", "OWNER", "PROGRESS", "TOKENS_FILE", "open_pretokenized", "pretokenize"]
+
 PROGRESS = "progress.json"
 OWNER = "owner.pid"
-TOKEN_DTYPE = np.dtype("<u4")
-END_DTYPE = np.dtype("<i8")
-# Encoded at build time and again by the training tokenizer: a different tokenizer is refused.
-PROBE_TEXT = "대한민국은 민주공화국이다. The capital is Seoul, 1948."
-LAYOUT = "each document is [bos_id] + tokenizer.encode(NFC(text), add_bos=False, add_eos=False) + [eos_id]"
 
 _TOKENIZER = None  # the worker's tokenizer, set by _init_worker
-
-
-@dataclass
-class PretokenizedCorpus:
-    """An opened corpus: memory-mapped tokens and document ends, and its manifest."""
-
-    path: Path
-    tokens: np.ndarray
-    doc_ends: np.ndarray
-    manifest: dict
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def open_pretokenized(path: str | Path) -> PretokenizedCorpus:
-    """Memory-maps a corpus written by :func:`pretokenize` after checking that it is whole.
-
-    Cost is independent of corpus size except one pass over the document ends (8 bytes a
-    document) to check they increase; no token is read.
-
-    Raises:
-        FileNotFoundError: no such directory, or a file the manifest lists is missing.
-        ValueError: no manifest (an unfinished run), another format, or files whose sizes or
-            offsets disagree with the manifest.
-    """
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        partial = _partial_dir(path)
-        hint = f"; an unfinished run is in {partial}: rerun the same pretokenize command to finish it"
-        raise FileNotFoundError(
-            f"{path}: no pretokenized corpus here; make one with python -m tools.pretokenize --out {path}"
-            f"{hint if partial.is_dir() else ''}"
-        )
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise ValueError(
-            f"{path}: no {MANIFEST}, so not a complete pretokenized corpus; rebuild it with python -m tools.pretokenize"
-        )
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("kind") != KIND or manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{manifest_path}: kind {manifest.get('kind')!r} version {manifest.get('format_version')!r}, "
-            f"expected {KIND!r} version {FORMAT_VERSION}; rebuild it with python -m tools.pretokenize"
-        )
-    counts = manifest["counts"]
-    tokens = _map(path / TOKENS_FILE, TOKEN_DTYPE, counts["tokens"])
-    doc_ends = _map(path / ENDS_FILE, END_DTYPE, counts["documents"])
-    _check_ends(path / ENDS_FILE, doc_ends, counts["tokens"])
-    return PretokenizedCorpus(path, tokens, doc_ends, manifest)
-
-
-def _map(file: Path, dtype: np.dtype, count: int) -> np.ndarray:
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing, so the corpus is incomplete; rebuild it with tools.pretokenize")
-    size = file.stat().st_size
-    if size != count * dtype.itemsize or count == 0:
-        raise ValueError(
-            f"{file}: {size} bytes, the manifest says {count} x {dtype.itemsize}-byte values "
-            f"({count * dtype.itemsize} bytes); the file is truncated or from another run: rebuild the corpus"
-        )
-    return np.memmap(file, dtype=dtype, mode="r", shape=(count,))
-
-
-def _check_ends(file: Path, ends: np.ndarray, total: int) -> None:
-    if int(ends[-1]) != total or int(ends[0]) < 2 or (len(ends) > 1 and int(np.diff(ends).min()) < 2):
-        raise ValueError(
-            f"{file}: document ends must increase by >= 2 (bos + eos) and end at the token count {total}; "
-            "the file is corrupt: rebuild the corpus"
-        )
-
-
-# ----------------------------------------------------------------------------- writing
 
 
 def pretokenize(
@@ -185,7 +111,7 @@ def pretokenize(
     tokenizer_path = Path(tokenizer_path).expanduser()
     tokenizer = _load_tokenizer(tokenizer_path)
     fingerprint = _fingerprint(source, data_files, name, split, column, tokenizer_path)
-    work = _partial_dir(out_dir)
+    work = partial_dir(out_dir)
     state = _resume_or_start(work, fingerprint)
     start = time.monotonic()
     try:
@@ -207,10 +133,6 @@ def pretokenize(
 
 def _default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _partial_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.partial"
 
 
 def _load_tokenizer(path: Path):
@@ -244,7 +166,8 @@ def _fingerprint(source: str, data_files, name, split: str, column: str, tokeniz
         inputs.append({"path": str(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
     return {
         "source": source, "name": name, "split": split, "column": column, "inputs": inputs,
-        "tokenizer": {"path": str(tokenizer_path.resolve()), "sha256": hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()},
+        "tokenizer": {"path": str(tokenizer_path.resolve()),
+                      "sha256": hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()},
     }
 
 
@@ -283,10 +206,18 @@ def _truncate_to(work: Path, state: dict) -> bool:
     return True
 
 
+class Chunk(NamedTuple):
+    """``rows`` rows read, ``empty`` of them skipped, the others' ``texts``."""
+
+    rows: int
+    empty: int
+    texts: list[str]
+
+
 def _chunks(
     source: str, data_files, name, split: str, column: str, skip_rows: int, chunk_rows: int
-) -> Iterator[tuple[int, int, list[str]]]:
-    """(rows, empty rows, texts) per chunk of ``chunk_rows`` rows, after skipping committed rows."""
+) -> Iterator[Chunk]:
+    """A :class:`Chunk` per ``chunk_rows`` rows, after skipping committed rows."""
     rows, empty, texts = 0, 0, []
     for i, (ref, row) in enumerate(iter_rows(source, data_files=data_files, name=name, split=split)):
         if i < skip_rows:
@@ -304,10 +235,10 @@ def _chunks(
         else:
             empty += 1
         if rows == chunk_rows:
-            yield rows, empty, texts
+            yield Chunk(rows, empty, texts)
             rows, empty, texts = 0, 0, []
     if rows:
-        yield rows, empty, texts
+        yield Chunk(rows, empty, texts)
 
 
 def _init_worker(tokenizer_path: str, parent_pid: int | None = None) -> None:
@@ -334,50 +265,31 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Worker task: the chunk's tokens (uint32) and each document's length."""
-    tok = _TOKENIZER
     ids: list[int] = []
     lengths = np.empty(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
         before = len(ids)
-        ids.append(tok.bos_id)
-        ids.extend(tok.encode(unicodedata.normalize("NFC", text), add_bos=False, add_eos=False))
-        ids.append(tok.eos_id)
+        ids.extend(document_tokens(_TOKENIZER, text))
         lengths[i] = len(ids) - before
     return np.array(ids, dtype=TOKEN_DTYPE), lengths
 
 
-def _ordered_map(pool: ProcessPoolExecutor | None, chunks: Iterator, window: int) -> Iterator[tuple[tuple, tuple]]:
-    """(chunk, result) in input order with at most ``window`` chunks in flight."""
-    if pool is None:
-        for chunk in chunks:
-            yield chunk, _encode_chunk(chunk[2])
-        return
-    pending: deque = deque()
-    for chunk in chunks:
-        pending.append((chunk, pool.submit(_encode_chunk, chunk[2])))
-        if len(pending) >= window:
-            chunk, fut = pending.popleft()
-            yield chunk, fut.result()
-    while pending:
-        chunk, fut = pending.popleft()
-        yield chunk, fut.result()
+def _encode(chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+    return _encode_chunk(chunk.texts)  # looked up when called, so a test can replace _encode_chunk
 
 
 def _tokenize_into(work: Path, state: dict, tokenizer_path: Path, *, source, data_files, name, split, column,
                    workers: int, chunk_rows: int, progress: bool) -> None:
     pool = None
     if workers > 1:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(str(tokenizer_path), os.getpid()))
-        pool.submit(int).result()  # start the workers before tqdm's monitor thread exists
+        pool = start_pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path), os.getpid()))
     else:
         _init_worker(str(tokenizer_path))
     bar = tqdm(desc="pretokenize", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr, mininterval=1.0)
     chunks = _chunks(source, data_files, name, split, column, state["rows"], chunk_rows)
     try:
         with open(work / TOKENS_FILE, "ab") as tf, open(work / ENDS_FILE, "ab") as ef:
-            for (rows, empty, _), (flat, lengths) in _ordered_map(pool, chunks, 2 * workers):
+            for (rows, empty, _), (flat, lengths) in ordered_map(pool, _encode, chunks, window=2 * workers):
                 tf.write(flat.tobytes())
                 ef.write((state["tokens"] + np.cumsum(lengths)).astype(END_DTYPE).tobytes())
                 _commit_chunk(work, state, tf, ef, rows=rows, empty=empty, docs=len(lengths), tokens=len(flat))
@@ -409,26 +321,15 @@ def _commit_chunk(work: Path, state: dict, tf, ef, *, rows: int, empty: int, doc
 def _manifest(state: dict, fingerprint: dict, tokenizer, workers: int, elapsed: float) -> dict:
     tokens = state["tokens"]
     return {
-        "kind": KIND,
-        "format_version": FORMAT_VERSION,
-        "files": {
-            "tokens": {"name": TOKENS_FILE, "dtype": "uint32", "byteorder": "little", "count": tokens},
-            "doc_ends": {"name": ENDS_FILE, "dtype": "int64", "byteorder": "little", "count": state["documents"]},
-        },
-        "layout": LAYOUT,
+        **format_fields(tokens=tokens, documents=state["documents"]),
         "counts": {
             "rows": state["rows"], "documents": state["documents"], "skipped_empty": state["skipped_empty"],
             "tokens": tokens,
         },
         "source": {k: fingerprint[k] for k in ("source", "name", "split", "column", "inputs")},
-        "tokenizer": {
-            **fingerprint["tokenizer"],
-            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
-            "probe": {"text": PROBE_TEXT, "ids": tokenizer.encode(PROBE_TEXT, add_bos=False, add_eos=False)},
-        },
+        "tokenizer": {**fingerprint["tokenizer"], **tokenizer_fields(tokenizer)},
         "settings": {"workers": workers, "resumed_at_row": state["resumed_at_row"]},
-        "versions": {"kobllla": kobllla.__version__, "torchtune": version("torchtune"), "tiktoken": version("tiktoken"),
-                     "python": sys.version.split()[0]},
+        "versions": package_versions("kobllla", "torchtune", "tiktoken", "python"),
         "elapsed_s": round(elapsed, 2),
         "tokens_per_s": round(tokens / elapsed) if elapsed > 0 and not state["resumed_at_row"] else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -451,22 +352,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def check_tokenizer(manifest: dict, tokenizer, *, where: Path) -> None:
-    """Refuses a training tokenizer that would read these ids differently from the one that wrote them."""
-    info = manifest["tokenizer"]
-    for key in ("bos_id", "eos_id"):
-        if getattr(tokenizer, key) != info[key]:
-            raise ValueError(
-                f"{where}: tokens were written with {key} {info[key]}, the config's tokenizer has "
-                f"{getattr(tokenizer, key)}; point tokenizer.path at the tokenizer.model with sha256 "
-                f"{info['sha256'][:12]}... or rerun pretokenize"
-            )
-    probe = info["probe"]
-    if tokenizer.encode(probe["text"], add_bos=False, add_eos=False) != probe["ids"]:
-        raise ValueError(
-            f"{where}: the config's tokenizer encodes the manifest's probe text differently from the tokenizer "
-            f"that wrote this corpus ({info['path']}, sha256 {info['sha256'][:12]}...); use that tokenizer or "
-            "rerun pretokenize"
-        )

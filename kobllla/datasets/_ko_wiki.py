@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import unicodedata
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from kobllla.datasets._sources import Row, iter_rows, require_field
 from kobllla.datasets._windows import document_windows, pack_windows, packed_sample, segments_in
+from kobllla.token_file import document_tokens
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,10 @@ def tokenize_documents(
     column: str,
     filter_fn: Callable[[Row], bool] | None,
 ) -> tuple[np.ndarray, np.ndarray, CorpusStats]:
-    """Tokenizes every non-empty document as ``[BOS] + text + [EOS]`` (text NFC-normalised)."""
+    """Tokenizes every non-empty document as ``[BOS] + text + [EOS]`` (text NFC-normalised).
+
+    The rule is ``kobllla.token_file.document_tokens``, the one ``tools.pretokenize`` writes.
+    """
     corpus, stats = TokenCorpus(), CorpusStats()
     for ref, row in tqdm(rows(), desc="tokenizing", unit=" docs", disable=not _is_rank_zero()):
         stats.rows += 1
@@ -85,8 +88,7 @@ def tokenize_documents(
         if filter_fn is not None and not filter_fn(row):
             stats.skipped_by_filter += 1
             continue
-        ids = tokenizer.encode(unicodedata.normalize("NFC", text), add_bos=False, add_eos=False)
-        corpus.add([tokenizer.bos_id, *ids, tokenizer.eos_id])
+        corpus.add(document_tokens(tokenizer, text))
         stats.documents += 1
     tokens, ends = corpus.freeze()
     stats.tokens = int(len(tokens))
@@ -104,7 +106,8 @@ class TextWindowDataset(Dataset):
     def __init__(self, tokens: np.ndarray, ends: np.ndarray, *, max_seq_len: int, stats: CorpusStats) -> None:
         self._tokens = tokens
         starts = np.concatenate([[0], ends[:-1]])
-        self._windows = [w for s, e in zip(starts.tolist(), ends.tolist()) for w in document_windows(s, e, max_seq_len)]
+        bounds = zip(starts.tolist(), ends.tolist(), strict=True)
+        self._windows = [w for s, e in bounds for w in document_windows(s, e, max_seq_len)]
         self.stats = stats
         self.stats.samples = len(self._windows)
 
@@ -126,7 +129,7 @@ class PackedTextDataset(PackedDataset):
     appears only in the last pack.
     """
 
-    def __init__(  # noqa: super().__init__ would pack eagerly; this class packs lazily
+    def __init__(  # no super().__init__(): it would pack eagerly; this class packs lazily
         self, tokens: np.ndarray, ends: np.ndarray, *, max_seq_len: int, pad_id: int, stats: CorpusStats
     ) -> None:
         self._tokens = tokens

@@ -34,9 +34,9 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.datasets import PackedDataset
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
-from kobllla import pretokenized as pt  # a module, not names: kobllla.pretokenized imports kobllla.datasets
 from kobllla.datasets._ko_wiki import CorpusStats
 from kobllla.datasets._windows import packed_sample, segments_in
+from kobllla.token_file import PretokenizedCorpus, check_tokenizer, open_pretokenized
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _check_len(max_len: int) -> None:
 class _MappedCorpus:
     """Reopens the memory maps after pickling (DataLoader workers) instead of copying them."""
 
-    _corpus: pt.PretokenizedCorpus
+    _corpus: PretokenizedCorpus
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -159,7 +159,7 @@ class _MappedCorpus:
         return state
 
     def __setstate__(self, state: dict) -> None:
-        state["_corpus"] = pt.open_pretokenized(state["_corpus"])
+        state["_corpus"] = open_pretokenized(state["_corpus"])
         self.__dict__.update(state)
 
 
@@ -169,7 +169,7 @@ class PretokenizedWindowDataset(_MappedCorpus, Dataset):
     Same samples, in the same order, as ``TextWindowDataset`` built from the same rows.
     """
 
-    def __init__(self, corpus: pt.PretokenizedCorpus, *, max_seq_len: int, stats: CorpusStats) -> None:
+    def __init__(self, corpus: PretokenizedCorpus, *, max_seq_len: int, stats: CorpusStats) -> None:
         self._corpus = corpus
         self.max_seq_len = max_seq_len
         self._first_window = window_index(corpus.doc_ends, max_seq_len)
@@ -194,8 +194,8 @@ class PretokenizedPackedDataset(_MappedCorpus, PackedDataset):
     packed; document masking from ``seq_lens``) whose packs are built on access.
     """
 
-    def __init__(  # noqa: super().__init__ would pack eagerly
-        self, corpus: pt.PretokenizedCorpus, *, max_seq_len: int, pad_id: int, stats: CorpusStats
+    def __init__(  # no super().__init__(): it would pack eagerly
+        self, corpus: PretokenizedCorpus, *, max_seq_len: int, pad_id: int, stats: CorpusStats
     ) -> None:
         self._corpus = corpus
         self.max_seq_len = max_seq_len
@@ -270,8 +270,8 @@ def pretokenized_dataset(
     if not length:
         raise ValueError("pretokenized_dataset needs a window length: set tokenizer.max_seq_len or dataset.max_seq_len")
     _check_len(length)
-    corpus = pt.open_pretokenized(path)
-    pt.check_tokenizer(corpus.manifest, tokenizer, where=corpus.path)
+    corpus = open_pretokenized(path)
+    check_tokenizer(corpus.manifest, tokenizer, where=corpus.path)
     counts = corpus.manifest["counts"]
     stats = CorpusStats(rows=counts["rows"], documents=counts["documents"], skipped_empty=counts["skipped_empty"],
                         tokens=counts["tokens"])

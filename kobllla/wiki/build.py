@@ -17,18 +17,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import re
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
 from functools import partial
-from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
@@ -36,8 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-import kobllla
 from kobllla.atomic import atomic_output_dir, refuse_output_over_inputs
+from kobllla.pool import ordered_map, start_pool
+from kobllla.versions import package_versions
 from kobllla.wiki.dump import DumpReader
 from kobllla.wiki.text import DEFAULT_DROP_SECTIONS, wikitext_to_text
 
@@ -127,23 +125,6 @@ def _articles(reader: DumpReader, counts: Counter, batch_size: int) -> Iterator[
         yield batch
 
 
-def _ordered_map(pool: ProcessPoolExecutor | None, fn, batches: Iterator[list[Article]], window: int) -> Iterator[list]:
-    """``map`` over a process pool, in order, with at most ``window`` batches in flight.
-
-    A worker killed by the OS (out of memory) raises ``BrokenProcessPool`` instead of hanging.
-    """
-    if pool is None:
-        yield from map(fn, batches)
-        return
-    pending: deque = deque()
-    for batch in batches:
-        pending.append(pool.submit(fn, batch))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
 def _settings(fmt: str, min_chars: int, dev: float, test: float, drop: tuple[str, ...], workers: int) -> dict:
     if fmt not in ("parquet", "csv"):
         raise ValueError(f"format must be 'parquet' or 'csv', got {fmt!r}")
@@ -230,14 +211,10 @@ def _run(reader: DumpReader, writers: dict, settings: dict, batch_size: int, pro
     seen: set[int] = set()
     workers = settings["workers"]
     fn = partial(clean_batch, drop_sections=tuple(settings["drop_sections"]))
-    pool = None
-    if workers > 1:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=ctx)
-        pool.submit(int).result()  # fork the workers now, before tqdm starts its monitor thread
+    pool = start_pool(workers) if workers > 1 else None
     bar = tqdm(unit=" pages", desc="kowiki", disable=not progress, file=sys.stderr, mininterval=1.0)
     try:
-        for results in _ordered_map(pool, fn, _articles(reader, counts, batch_size), 2 * workers):
+        for _, results in ordered_map(pool, fn, _articles(reader, counts, batch_size), window=2 * workers):
             for pid, title, text, body_chars in results:
                 reason = _keep_or_reason(text, body_chars, settings["min_chars"], seen)
                 if reason:
@@ -300,10 +277,7 @@ def _manifest(reader: DumpReader, counts: Counter, splits: dict, settings: dict,
         "characters": sum(s["chars"] for s in splits.values()),
         "splits": splits,
         "settings": settings,
-        "versions": {
-            "kobllla": kobllla.__version__, "mwparserfromhell": version("mwparserfromhell"),
-            "pyarrow": pa.__version__, "python": sys.version.split()[0],
-        },
+        "versions": package_versions("kobllla", "mwparserfromhell", "pyarrow", "python"),
         "elapsed_s": round(elapsed, 2),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -217,6 +217,7 @@ def _recipe_losses(tmp_path: Path, tiny_base: Path, variant: str) -> list[float]
     return [float(item.split(":")[1]) for line in log.splitlines() for item in line.split() if item.startswith("loss:")]
 
 
+@pytest.mark.integration  # three real `tune run`s (~35 CPU-s)
 def test_stock_recipe_trains_with_the_fused_loss_and_fp8_to_the_same_losses(tmp_path, tiny_base):
     stock = _recipe_losses(tmp_path, tiny_base, "stock")
     fused = _recipe_losses(tmp_path, tiny_base, "fused")

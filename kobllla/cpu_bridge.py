@@ -107,7 +107,8 @@ def load_config(config: Path, overrides: list[str]):
     """
     path = Path(config)
     if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file; the shipped configs are under configs/tiny/ "
+        what = "is a directory, not a YAML file" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"--config {path}: {what}; the shipped configs are under configs/tiny/ "
                                 "(CPU) and configs/llama3_8b/ (GPU)")
     from argparse import Namespace
 
@@ -120,7 +121,7 @@ def load_config(config: Path, overrides: list[str]):
         raise ValueError(f"--config {path}: not valid YAML ({_first_line(exc)}); fix the file") from None
     if not isinstance(loaded, dict) and not OmegaConf.is_dict(loaded):
         raise ValueError(f"--config {path}: expected a mapping of recipe settings, got {type(loaded).__name__}")
-    bad = [o for o in overrides if "=" not in o and not o.startswith("~")]
+    bad = [o for o in overrides if not re.match(r"^(~[^=~]+|[^=~]+=.*)$", o)]
     if bad:
         raise ValueError(f"unknown argument {bad[0]!r}: after the recipe pass --config FILE and key=value "
                          "overrides (e.g. epochs=1 dataset.data_files=my.jsonl)")

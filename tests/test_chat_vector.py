@@ -467,3 +467,14 @@ def test_bfloat16_vector_is_half_the_size_and_rounds_the_difference_once_more(
     out = apply_chat_vector(vector=vec, target=trio["target"], out=tmp_path / "out",
                             options=ChatVectorOptions(ratio=0.5, hash_files=False)).out
     assert_same_bits(load_all(out), {k: (t[k].float() + 0.5 * v[k].float()).to(torch.bfloat16) for k in t})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"workers": 0}, r"workers \(--workers\) must be positive, got 0"),
+    ({"max_shard_bytes": 0}, r"max_shard_bytes \(--max-shard-gb\) must be positive, got 0"),
+    ({"ratio": float("inf")}, r"ratio must be a finite number, got inf"),
+    ({"vector_dtype": "int8"}, r"unknown vector dtype 'int8'; choose 'float32' or 'bfloat16'"),
+])
+def test_out_of_range_options_are_refused_naming_the_flag(
+        trio: dict[str, Path], tmp_path: Path, options: dict, message: str) -> None:
+    refused(tmp_path, ValueError, message, **options, **trio)

@@ -92,9 +92,11 @@ class ChatVectorOptions:
             raise ValueError(f"ratio must be a finite number, got {r!r}")
         if self.vector_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"unknown vector dtype {self.vector_dtype!r}; choose 'float32' or 'bfloat16'")
-        if self.chunk_elements <= 0 or self.thread_count <= 0 or self.max_shard_bytes <= 0:
-            raise ValueError(f"chunk_elements, workers and max_shard_bytes must be positive, got "
-                             f"{self.chunk_elements}, {self.thread_count}, {self.max_shard_bytes}")
+        for name, value, flag in (("workers", self.thread_count, "--workers"),
+                                  ("max_shard_bytes", self.max_shard_bytes, "--max-shard-gb"),
+                                  ("chunk_elements", self.chunk_elements, None)):
+            if value <= 0:
+                raise ValueError(f"{name}{f' ({flag})' if flag else ''} must be positive, got {value}")
 
     @property
     def thread_count(self) -> int:

@@ -4,15 +4,12 @@ comes from), and the manifest's description of inputs and versions."""
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
-import torch
-
-from kobllla import __version__
 from kobllla.atomic import write_json
 from kobllla.checkpoint_io import Checkpoint, SequentialHasher
 from kobllla.jsonl import read_json
+from kobllla.versions import package_versions
 
 MANIFEST_NAME = "kobllla_manifest.json"
 
@@ -92,9 +89,7 @@ def describe_input(ckpt: Checkpoint, *, hashes: dict[Path, SequentialHasher] | N
 
 
 def versions() -> dict[str, str]:
-    import safetensors
-    return {"kobllla": __version__, "torch": torch.__version__, "safetensors": safetensors.__version__,
-            "python": sys.version.split()[0]}
+    return package_versions("kobllla", "torch", "safetensors", "python")
 
 
 def copy_chat_files(out: Path, instruct: Path) -> dict[str, str]:

@@ -35,7 +35,7 @@ from kobllla.evaluation._translation import (
     translation_source,
     write_translation_yamls,
 )
-
+from kobllla.versions import package_versions
 
 Device = Literal["auto", "cuda", "cpu"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -328,11 +328,6 @@ def _task_of_error(names: list[str], exc: BaseException):
 
 def _record(label: str, ref, started: datetime, *, device: str, dtype: str, batch_size, max_length: int,
             limit, tasks: dict, results_dir: Path | None) -> dict:
-    import lm_eval
-    import transformers
-
-    import kobllla
-
     run_id = new_run_id(label, Path(results_dir), started) if results_dir else f"{started:%Y%m%dT%H%M%SZ}-{label}"
     return {
         "schema": RUN_SCHEMA,
@@ -341,8 +336,7 @@ def _record(label: str, ref, started: datetime, *, device: str, dtype: str, batc
         "timestamp": started.isoformat(timespec="seconds"),
         "model": {"spec": ref.spec, "local": ref.local, "fingerprint": ref.fingerprint, "device": device,
                   "dtype": dtype, "batch_size": batch_size, "max_length": max_length},
-        "versions": {"lm_eval": lm_eval.__version__, "transformers": transformers.__version__,
-                     "torch": torch.__version__, "kobllla": kobllla.__version__},
+        "versions": package_versions("lm_eval", "transformers", "torch", "kobllla"),
         "limit": limit,
         "tasks": tasks,
     }

@@ -116,6 +116,21 @@ def test_translation_metrics_gate_like_any_other(run_records, tmp_path):
         assert f"gate {'FAIL' if failed else 'PASS'} {ZH_KO}/chrf" in (out / "report.md").read_text("utf-8")
 
 
+def test_heldout_pairs_may_be_one_jsonl_file_and_its_hash_is_recorded(tmp_path):
+    from kobllla.evaluation._translation import translation_source
+
+    ko, zh = (PAR / "test.ko").read_text("utf-8").splitlines(), (PAR / "test.zh").read_text("utf-8").splitlines()
+    (tmp_path / "test.jsonl").write_text(
+        "".join(json.dumps({"ko": k, "zh": z}, ensure_ascii=False) + "\n" for k, z in zip(ko, zh, strict=True)),
+        encoding="utf-8")
+    source = translation_source(ZH_KO, tmp_path)
+    assert source["direction"] == "zh-ko" and source["max_gen_toks"] == 256
+    assert list(source["files"]) == ["test.jsonl"] and source["files"]["test.jsonl"]["rows"] == 8
+    (tmp_path / "test.jsonl").write_text(json.dumps({"ko": ko[0]}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"test\.jsonl line 1: field 'zh' is missing \(fields: ko\); every line needs"):
+        translation_source(ZH_KO, tmp_path)
+
+
 def copy_heldout(tmp_path: Path, ko: list[str] | None = None, zh: list[str] | None = None) -> Path:
     data = tmp_path / "heldout"
     data.mkdir()

@@ -81,13 +81,33 @@ def read_heldout_pairs(data_dir: Path, src: str, tgt: str) -> tuple[list[tuple[s
         pairs = read_pairs("moses", data_files=str(data_dir / "test"), split="test", src_lang=src, tgt_lang=tgt,
                            src_column=src, tgt_column=tgt)
     else:
-        pairs = read_pairs("jsonl", data_files=str(files[0]), split="test", src_lang=src, tgt_lang=tgt,
-                           src_column=src, tgt_column=tgt)
+        pairs = list(_jsonl_pairs(files[0], src, tgt))
+    if not pairs:
+        raise ValueError(f"{files[0]}: no pairs; write one sentence pair per line")
     for pair in pairs:
         if not pair.src or not pair.tgt:
             side = src if not pair.src else tgt
             raise ValueError(f"{pair.where}: the {side} side is empty; every held-out pair needs both sentences")
     return [(p.src, p.tgt) for p in pairs], files
+
+
+def _jsonl_pairs(path: Path, src: str, tgt: str):
+    from kobllla.datasets._parallel import Pair
+    from kobllla.jsonl import iter_jsonl
+
+    for line_no, row in iter_jsonl(path):
+        sides = []
+        for lang in (src, tgt):
+            value = row.get(lang)
+            if not isinstance(value, str):
+                found = ", ".join(sorted(map(str, row))) or "none"
+                what = type(value).__name__ if lang in row else "missing"
+                raise ValueError(
+                    f"{path.name} line {line_no}: field {lang!r} is {what} "
+                    f"(fields: {found}); every line needs {{\"{src}\": text, \"{tgt}\": text}}"
+                )
+            sides.append(value.strip())
+        yield Pair(f"{path.name} line {line_no}", *sides)
 
 
 def llama3_prompt(text: str, src: str, tgt: str) -> str:

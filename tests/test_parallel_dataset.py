@@ -153,6 +153,7 @@ def test_a_missing_moses_side_names_both_expected_files(tok):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"templates": {"ko-zh": "번역하세요."}}, r"templates\['ko-zh'\] must contain \{text\} exactly once"),
     ({"templates": {"zh-ko": "{text}"}}, r"templates for directions not trained: \['zh-ko'\]"),
+    ({"system_prompt": {"zh-ko": "译得自然。"}}, r"system_prompt for directions not trained: \['zh-ko'\]"),
     ({"src_lang": "ko", "tgt_lang": "fr"}, r"no built-in instruction for ko-fr .* give templates"),
     ({"directions": "ko-zh"}, r"directions must be a non-empty list"),
 ])

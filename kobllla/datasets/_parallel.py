@@ -111,9 +111,12 @@ def resolve_prompts(
             raise ValueError(f"templates[{key!r}] must contain {{text}} exactly once (where the source goes)")
         system = system_prompt.get(key) if isinstance(system_prompt, Mapping) else system_prompt
         out[(src, tgt)] = (template, system or None)
+    trained = [f"{s}-{t}" for s, t in out]
     if templates:
-        trained = [f"{s}-{t}" for s, t in out]
         raise ValueError(f"templates for directions not trained: {sorted(templates)}; trained: {trained}")
+    extra = sorted(set(system_prompt) - set(trained)) if isinstance(system_prompt, Mapping) else []
+    if extra:
+        raise ValueError(f"system_prompt for directions not trained: {extra}; trained: {trained}")
     return out
 
 

@@ -6,7 +6,6 @@ Hugging Face ``tokenizer.json``, so Korean is tokenized exactly as Llama 3 does 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 LLAMA3_TOKENIZER_SHA256 = "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"
@@ -31,12 +30,3 @@ def llama3_tokenizer_model_path() -> Path:
 def llama3_tokenizer_json_path() -> Path:
     """The Hugging Face ``tokenizer.json`` of Llama 3 (what transformers reads)."""
     return _package_dir() / "tokenizer.json"
-
-
-def sha256_of(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from kobllla.checkpoint_io import INDEX_NAME, ShardedSafetensorsWriter, atomic_output_dir, open_checkpoint
+from kobllla.atomic import atomic_output_dir
+from kobllla.checkpoint_io import INDEX_NAME, ShardedSafetensorsWriter, open_checkpoint
 
 WEIGHT_FILES = ("model.safetensors", INDEX_NAME, "pytorch_model.bin", "pytorch_model.bin.index.json")
 ADAPTER_CONFIG = "adapter_config.json"

@@ -25,8 +25,9 @@ from typing import Literal
 import torch
 
 from kobllla.assets import llama3_tokenizer_json_path, llama3_tokenizer_model_path
+from kobllla.atomic import atomic_output_dir, write_json
 from kobllla.chat_format import BOS_ID, END_OF_TEXT_ID, EOT_ID, LLAMA3_CHAT_TEMPLATE
-from kobllla.checkpoint_io import ShardedSafetensorsWriter, atomic_output_dir, write_json
+from kobllla.checkpoint_io import ShardedSafetensorsWriter
 
 Flavor = Literal["base", "instruct"]
 

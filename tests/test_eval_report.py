@@ -39,13 +39,13 @@ def _run(label: str, tasks: dict, stamp: str = "20261123T120000Z") -> dict:
 @pytest.fixture
 def seed_runs(tmp_path) -> Path:
     """The seed README's four models, stored as run records in a results dir."""
-    for label, mc2 in [("llama3", 0.4396), ("kobblla", 0.4304), ("llama3-instruct", 0.5170), ("kobblla-chatvec", 0.5144)]:
+    for label, mc2 in [("llama3", 0.4396), ("kobllla", 0.4304), ("llama3-instruct", 0.5170), ("kobllla-chatvec", 0.5144)]:
         save_run(_run(label, {"truthfulqa_mc2": _task(mc2)}), tmp_path / "results")
     return tmp_path / "results"
 
 
 def test_seed_numbers_pass_the_default_gate_and_render_the_seed_table(seed_runs, tmp_path, capsys):
-    rc = report_cli.main([str(seed_runs), "--pair", "kobblla=llama3", "--pair", "kobblla-chatvec=llama3-instruct",
+    rc = report_cli.main([str(seed_runs), "--pair", "kobllla=llama3", "--pair", "kobllla-chatvec=llama3-instruct",
                           "--out", str(tmp_path / "report")])
     assert rc == 0
     md = (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
@@ -53,15 +53,15 @@ def test_seed_numbers_pass_the_default_gate_and_render_the_seed_table(seed_runs,
         "| model | vs | truthfulqa_mc2 acc | gate |",
         "|---|---|---|---|",
         "| llama3 |  | 0.4396 ± 0.0150 |  |",
-        "| kobblla | llama3 | 0.4304 ± 0.0150 (-0.0092) | pass |",
+        "| kobllla | llama3 | 0.4304 ± 0.0150 (-0.0092) | pass |",
         "| llama3-instruct |  | 0.5170 ± 0.0150 |  |",
-        "| kobblla-chatvec | llama3-instruct | 0.5144 ± 0.0150 (-0.0026) | pass |",
+        "| kobllla-chatvec | llama3-instruct | 0.5144 ± 0.0150 (-0.0026) | pass |",
     ]
-    assert "- gate PASS truthfulqa_mc2/acc: kobblla 0.4304 vs llama3 0.4396 (delta -0.0092, allowed drop 0.0100)" in md
+    assert "- gate PASS truthfulqa_mc2/acc: kobllla 0.4304 vs llama3 0.4396 (delta -0.0092, allowed drop 0.0100)" in md
     png = (tmp_path / "report" / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     manifest = json.loads((tmp_path / "report" / "comparison.json").read_text())
-    assert manifest["passed"] is True and [g["candidate"] for g in manifest["gates"]] == ["kobblla", "kobblla-chatvec"]
+    assert manifest["passed"] is True and [g["candidate"] for g in manifest["gates"]] == ["kobllla", "kobllla-chatvec"]
 
 
 def test_a_drop_beyond_the_tolerance_exits_1_naming_metric_values_and_tolerance(seed_runs, tmp_path, capsys):
@@ -74,9 +74,9 @@ def test_a_drop_beyond_the_tolerance_exits_1_naming_metric_values_and_tolerance(
 
 
 def test_a_drop_of_exactly_the_tolerance_passes_and_the_tolerance_is_configurable_per_metric(seed_runs, tmp_path):
-    assert report_cli.main([str(seed_runs), "--pair", "kobblla=llama3", "--gate", "truthfulqa_mc2/acc=0.0092",
+    assert report_cli.main([str(seed_runs), "--pair", "kobllla=llama3", "--gate", "truthfulqa_mc2/acc=0.0092",
                             "--out", str(tmp_path / "a")]) == 0
-    assert report_cli.main([str(seed_runs), "--pair", "kobblla=llama3", "--gate", "truthfulqa_mc2/acc=0.005",
+    assert report_cli.main([str(seed_runs), "--pair", "kobllla=llama3", "--gate", "truthfulqa_mc2/acc=0.005",
                             "--out", str(tmp_path / "b")]) == 1
 
 
@@ -127,25 +127,25 @@ def test_the_default_gate_is_noted_not_applied_when_neither_run_has_the_metric()
 
 def test_unknown_labels_and_metrics_are_refused_with_the_valid_ones(seed_runs):
     runs = load_runs([seed_runs])
-    with pytest.raises(ValueError, match=r"no run labelled 'stage9'; runs given: \['kobblla', 'kobblla-chatvec', 'llama3', 'llama3-instruct'\]"):
+    with pytest.raises(ValueError, match=r"no run labelled 'stage9'; runs given: \['kobllla', 'kobllla-chatvec', 'llama3', 'llama3-instruct'\]"):
         compare_runs(runs, pairs=[("stage9", "llama3")])
     with pytest.raises(ValueError, match=r"no run has metric 'kobest_boolq/acc'; metrics in these runs: \['truthfulqa_mc2/acc'\]"):
-        compare_runs(runs, pairs=[("kobblla", "llama3")], metrics=["kobest_boolq/acc"])
+        compare_runs(runs, pairs=[("kobllla", "llama3")], metrics=["kobest_boolq/acc"])
 
 
 def test_baseline_flag_compares_every_other_run_with_it(seed_runs, tmp_path):
     assert report_cli.main([str(seed_runs), "--baseline", "llama3", "--out", str(tmp_path / "r")]) == 0
     gates = json.loads((tmp_path / "r" / "comparison.json").read_text())["gates"]
     assert [(g["candidate"], g["baseline"], round(g["delta"], 4)) for g in gates] == [
-        ("kobblla", "llama3", -0.0092), ("llama3-instruct", "llama3", 0.0774), ("kobblla-chatvec", "llama3", 0.0748)]
+        ("kobllla", "llama3", -0.0092), ("llama3-instruct", "llama3", 0.0774), ("kobllla-chatvec", "llama3", 0.0748)]
 
 
 def test_history_keeps_every_run_and_reports_use_the_latest_per_label(seed_runs):
-    save_run(_run("kobblla", {"truthfulqa_mc2": _task(0.4350)}, stamp="20261124T090000Z"), seed_runs)
+    save_run(_run("kobllla", {"truthfulqa_mc2": _task(0.4350)}, stamp="20261124T090000Z"), seed_runs)
     runs = load_runs([seed_runs])
-    assert runs["kobblla"]["run_id"] == "20261124T090000Z-kobblla"
+    assert runs["kobllla"]["run_id"] == "20261124T090000Z-kobllla"
     lines = (seed_runs / "history.jsonl").read_text().splitlines()
-    assert [json.loads(line)["run_id"] for line in lines][-2:] == ["20261123T120000Z-kobblla-chatvec", "20261124T090000Z-kobblla"]
+    assert [json.loads(line)["run_id"] for line in lines][-2:] == ["20261123T120000Z-kobllla-chatvec", "20261124T090000Z-kobllla"]
     assert len(lines) == 5
 
 
@@ -209,11 +209,11 @@ def test_report_only_plan_renders_from_stored_runs_and_gates(seed_runs, tmp_path
 
     plan = tmp_path / "plan.yaml"
     plan.write_text(
-        f"models: {{llama3: /ckpt/llama3, kobblla: /ckpt/kobblla}}\nresults_dir: {seed_runs}\n"
-        f"report_dir: {tmp_path / 'report'}\ncompare: {{kobblla: llama3}}\ngates: {{truthfulqa_mc2/acc: 0.005}}\n"
+        f"models: {{llama3: /ckpt/llama3, kobllla: /ckpt/kobllla}}\nresults_dir: {seed_runs}\n"
+        f"report_dir: {tmp_path / 'report'}\ncompare: {{kobllla: llama3}}\ngates: {{truthfulqa_mc2/acc: 0.005}}\n"
     )
     assert plan_cli.main([str(plan), "--report-only"]) == 1  # -0.0092 is beyond 0.005
-    assert "| kobblla | llama3 | 0.4304 ± 0.0150 (-0.0092) | **FAIL** |" in (tmp_path / "report" / "report.md").read_text()
+    assert "| kobllla | llama3 | 0.4304 ± 0.0150 (-0.0092) | **FAIL** |" in (tmp_path / "report" / "report.md").read_text()
     missing = tmp_path / "missing.yaml"
-    missing.write_text(plan.read_text().replace("kobblla: /ckpt/kobblla", "stage9: /ckpt/s9").replace("compare: {kobblla", "compare: {stage9"))
+    missing.write_text(plan.read_text().replace("kobllla: /ckpt/kobllla", "stage9: /ckpt/s9").replace("compare: {kobllla", "compare: {stage9"))
     assert plan_cli.main([str(missing), "--report-only"]) == 2

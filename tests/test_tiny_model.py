@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from kobllla.assets import LLAMA3_TOKENIZER_SHA256, llama3_tokenizer_model_path, sha256_of
+from kobllla.assets import LLAMA3_TOKENIZER_SHA256, llama3_tokenizer_model_path
 from kobllla.tiny_model import PRESETS, hf_tensor_shapes, make_model
 
 
 def test_packaged_tokenizer_is_metas_llama3_file(llama3_tok):
-    assert sha256_of(llama3_tokenizer_model_path()) == LLAMA3_TOKENIZER_SHA256
+    assert hashlib.sha256(llama3_tokenizer_model_path().read_bytes()).hexdigest() == LLAMA3_TOKENIZER_SHA256
     assert llama3_tok.encode("Hello world", add_eos=False) == [128000, 9906, 1917]
 
 

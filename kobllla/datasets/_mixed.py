@@ -84,23 +84,21 @@ def _source_order(seed: int, source: int, n_rows: int):
 
 def interleave_schedule(lengths: Sequence[int], shares: Sequence[float], stop: str | int, seed: int) -> np.ndarray:
     """``(n, 2)`` array of (source, row) for every sample of the mix, in order."""
-    shares = np.asarray(shares, dtype=np.float64)
-    live = shares > 0
-    taken = np.zeros(len(lengths), dtype=np.int64)
+    live = [i for i, w in enumerate(shares) if w > 0]
+    taken = [0] * len(lengths)
     orders = [_source_order(seed, i, n) for i, n in enumerate(lengths)]
     schedule: list[tuple[int, int]] = []
+    unseen = sum(1 for i in live if lengths[i] > 0)  # live sources not yet seen whole
     while True:
         n = len(schedule)
-        if stop == "all_exhausted" and all(taken[live] >= np.asarray(lengths)[live]):
+        if (stop == "all_exhausted" and unseen == 0) or (isinstance(stop, int) and n == stop):
             break
-        if isinstance(stop, int) and n == stop:
-            break
-        deficit = np.where(live, shares * (n + 1) - taken, -np.inf)
-        source = int(np.argmax(deficit))
+        source = max(live, key=lambda i: (shares[i] * (n + 1) - taken[i], -i))  # furthest behind; ties: first
         if stop == "first_exhausted" and taken[source] == lengths[source]:
             break
         schedule.append((source, next(orders[source])))
         taken[source] += 1
+        unseen -= taken[source] == lengths[source]
     return np.asarray(schedule, dtype=np.int64).reshape(-1, 2)
 
 

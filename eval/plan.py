@@ -12,24 +12,24 @@ Exit 0: gates pass; 1: a gate failed; 2: bad plan or input, or runs that cannot 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from kobllla.cli import make_parser, run
 from kobllla.evaluation import load_plan, run_plan
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__, prog="python -m eval.plan")
     parser.add_argument("plan", type=Path, help="plan YAML (see eval/suites/)")
     parser.add_argument("--report-only", action="store_true", help="skip evaluation; report from stored runs")
     args = parser.parse_args(argv)
-    try:
-        plan = load_plan(args.plan)
-        comparison = run_plan(plan, evaluate=not args.report_only)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run(lambda: _work(args))
+
+
+def _work(args) -> int:
+    plan = load_plan(args.plan)
+    comparison = run_plan(plan, evaluate=not args.report_only)
     if comparison is None:
         print(f"evaluated {len(plan['models'])} model(s) into {plan['results_dir']}; the plan compares nothing")
         return 0

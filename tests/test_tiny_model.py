@@ -65,3 +65,18 @@ def test_bad_arguments_and_existing_output_are_refused(tmp_path):
     with pytest.raises(FileExistsError, match=r"m already exists; pick another output or pass --overwrite"):
         make_model(tmp_path / "m")
     assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    from tools.make_tiny_model import main
+
+    assert main(["--out", str(tmp_path / "m"), "--preset", "mini", "--max-shard-gb", "0"]) == 2
+    assert capsys.readouterr().err == "error: --max-shard-gb must be above 0, got 0.0\n"
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "taken").mkdir()
+    assert main(["--out", str(tmp_path / "taken"), "--preset", "mini"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'taken'} already exists; pick another output")
+    assert list((tmp_path / "taken").iterdir()) == []
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "python -m tools.make_tiny_model --out runs/tiny/base" in capsys.readouterr().out  # examples in --help

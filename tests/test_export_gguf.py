@@ -233,6 +233,22 @@ def test_bad_input_one_line_exit_2_nothing_written(case, match, tiny_base, llama
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_chat_model_with_untrained_chat_token_rows_is_refused(tiny_base, llama_cpp_tree, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "base-like"
+    shutil.copytree(tiny_base, model)
+    weights = load_file(str(model / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # Llama 3 base: these rows were never trained
+        weights[name][[128006, 128007, 128009]] = torch.zeros(3, weights[name].shape[1], dtype=weights[name].dtype)
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert cli.main(["--model", str(model), "--out", str(tmp_path / "out"), "--quant", "f16"]) == 2
+    err = capsys.readouterr().err
+    assert "untrained chat-token rows" in err and "--fix-untrained mean" in err and "--allow-untrained" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base-like"]
+
+
 def test_existing_out_is_refused_without_overwrite(trained_mini, llama_cpp_tree, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")

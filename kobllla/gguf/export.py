@@ -132,7 +132,10 @@ def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
 
 
 def _die_with_parent() -> None:  # preexec_fn: a SIGKILLed export takes its converter with it
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (AttributeError, OSError):  # no prctl (macOS): the child outlives a killed parent, outputs stay aside
+        pass
 
 
 def _failure_line(log: Path) -> str:
@@ -236,10 +239,8 @@ def with_chat_stop_tokens(model_dir: Path, scratch: Path, *, name: str) -> tuple
 
 
 def _untrained_problems(model_dir: Path) -> list[str]:
-    try:
-        from kobllla.untrained import untrained_token_problems
-    except ImportError:  # TODO(H-gguf): kobllla.untrained lands with issue 10
-        return []
+    from kobllla.untrained import untrained_token_problems
+
     return untrained_token_problems(model_dir)
 
 
@@ -331,8 +332,9 @@ def export_gguf(
             problems = _untrained_problems(src)
             if problems:
                 raise ValueError(f"{model}: a chat model with untrained chat-token rows ({problems[0]}; "
-                                 f"{len(problems)} in all) would emit garbage at every turn; train or initialise "
-                                 "those rows first, or pass --allow-untrained to export it anyway")
+                                 f"{len(problems)} in all) emits garbage at every turn: export the chat-vector "
+                                 f"model, or write a fixed copy with python -m tools.check_model {model} "
+                                 "--fix-untrained mean --out NEWDIR, or pass --allow-untrained to export it anyway")
         src, stop_tokens = with_chat_stop_tokens(src, scratch, name=stem)
         outputs = _build(lc, src, tmp, stem, todo, threads=threads or os.cpu_count() or 1,
                          scratch=scratch, progress=progress, chat=stop_tokens["chat_template"])

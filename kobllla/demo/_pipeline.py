@@ -25,13 +25,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kobllla.checkpoint_io import write_json
+from kobllla.atomic import write_json
 
-REPO = Path(__file__).resolve().parent.parent.parent
-CONFIGS = REPO / "configs" / "tiny"
 MARKER = "kobllla_stage.json"
-# The mini preset's dims, given to the tiny configs (written for the 256-wide tiny preset).
-MINI_MODEL = ["model.embed_dim=64", "model.num_heads=2", "model.num_kv_heads=1", "model.intermediate_dim=256"]
 
 
 @dataclass
@@ -54,9 +50,10 @@ class StageFailed(RuntimeError):
 class Chain:
     """Stages in order: once one runs, every later stage runs again (its inputs changed)."""
 
-    def __init__(self, run_dir: Path, *, force: bool) -> None:
+    def __init__(self, run_dir: Path, *, force: bool, config_dir: Path) -> None:
         self.run_dir = run_dir
         self.force = force
+        self.config_dir = config_dir
 
     def stage(self, name: str, what: str, body: Callable[[Path, StageRecord], None]) -> StageRecord:
         record = run_stage(self.run_dir, name, what, body, force=self.force)
@@ -64,7 +61,8 @@ class Chain:
         return record
 
 
-def run_stage(run_dir: Path, name: str, what: str, body: Callable[[Path, StageRecord], None], *, force: bool) -> StageRecord:
+def run_stage(run_dir: Path, name: str, what: str, body: Callable[[Path, StageRecord], None], *,
+              force: bool) -> StageRecord:
     """Runs ``body(out_dir, record)`` unless a finished output exists; writes the marker last."""
     out = run_dir / name
     marker = out / MARKER
@@ -84,32 +82,36 @@ def run_stage(run_dir: Path, name: str, what: str, body: Callable[[Path, StageRe
 
 
 def run_logged(cmd: list[str], log: Path, record: StageRecord) -> None:
-    """Runs a command from the repository root with its output in ``log``; raises on failure."""
+    """Runs a command (``python -m tools.X``: run from the repository root) logging to ``log``; raises on failure."""
     record.commands.append(cmd)
     with open(log, "w", encoding="utf-8") as handle:
-        rc = subprocess.call(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, stdout=handle, stderr=subprocess.STDOUT)
     if rc != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
         raise StageFailed(f"{record.name}: {' '.join(cmd[:4])} ... exited {rc}; see {log} ({tail[0][:200]})")
 
 
-def tune_cpu(recipe: str, config: str, overrides: list[str], *, nproc: int | None) -> list[str]:
+def tune_cpu(recipe: str, config: Path, *, nproc: int | None) -> list[str]:
     """The command line of a stock torchtune recipe on CPU (``python -m tools.tune_cpu``)."""
     cmd = [sys.executable, "-m", "tools.tune_cpu"]
     if nproc:
         cmd += ["--nproc_per_node", str(nproc)]
-    return [*cmd, recipe, "--config", config if Path(config).is_absolute() else str(CONFIGS / config), *overrides]
+    return [*cmd, recipe, "--config", str(config)]
 
 
-def derived_config(config: str, out: Path, *, dataset: list[dict]) -> str:
-    """A copy of a tiny config with its dataset list replaced, saved beside the stage's output."""
+def stage_config(config: Path, out: Path, settings: dict[str, object]) -> Path:
+    """``config`` with this run's paths and seed set (dotted keys), saved as ``out/config.yaml``.
+
+    Only paths and the seed differ from the shipped YAML: every training setting stays the file's.
+    """
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(CONFIGS / config)
-    cfg.dataset = dataset
-    path = out / config
+    cfg = OmegaConf.load(config)
+    for key, value in settings.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    path = out / "config.yaml"
     OmegaConf.save(cfg, path)
-    return str(path)
+    return path
 
 
 def final_epoch(out: Path) -> Path:
@@ -120,13 +122,13 @@ def final_epoch(out: Path) -> Path:
     return epochs[-1]
 
 
-def checkpoint_overrides(src: Path) -> list[str]:
-    """Config overrides that start a recipe from the HF checkpoint in ``src``."""
+def checkpoint_settings(src: Path) -> dict[str, object]:
+    """Config settings that start a recipe from the HF checkpoint in ``src``."""
     files = sorted(p.name for p in src.glob("*.safetensors") if not p.name.startswith("adapter"))
-    return [
-        f"checkpointer.checkpoint_dir={src}", f"checkpointer.checkpoint_files=[{','.join(files)}]",
-        f"tokenizer.path={src / 'original' / 'tokenizer.model'}",
-    ]
+    return {
+        "checkpointer.checkpoint_dir": str(src), "checkpointer.checkpoint_files": files,
+        "tokenizer.path": str(src / "original" / "tokenizer.model"),
+    }
 
 
 def logged_losses(out: Path) -> list[tuple[int, float]]:

@@ -34,7 +34,8 @@ def answer_loss(model_dir: Path, pairs: list[tuple[str, str]]) -> dict[str, floa
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     nll, count = 0.0, 0
     for question, answer in pairs:
-        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tok(answer.strip() + "<|eot_id|>", add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prompt_ids + answer_ids])

@@ -8,36 +8,31 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kobllla.checkpoint_io import write_json
+from kobllla.atomic import write_json
+from kobllla.chat_format import write_chat_stop_tokens
 from kobllla.demo._data import DemoData, prepare_data
 from kobllla.demo._pipeline import (
-    MINI_MODEL,
     Chain,
     StageRecord,
-    checkpoint_overrides,
-    derived_config,
+    checkpoint_settings,
     final_epoch,
     logged_losses,
     run_logged,
+    stage_config,
     tune_cpu,
 )
 
 log = logging.getLogger(__name__)
 
-# Steps are sized for <= 10 minutes on 2 CPU cores; see the stage descriptions in the report.
-PRETRAIN_STEPS = 50
-INSTRUCT_EPOCHS = 5
-STAGE1_STEPS = 60
-STAGE3_EPOCHS = 2
-# Stages 1 and 3 adapt what the 8B configs adapt (q_proj/v_proj, rank 8, alpha 16). Measured on
-# this model (stage 1, 60 steps): lr 1e-3 took Korean held-out perplexity to 62 % of the base's
-# with English at -1 %; lr 2e-3 reached 21 % but doubled English perplexity, and adding LoRA on
-# the MLP and output layer (the tiny configs' default) tripled it: the mini model has too little
-# context to keep two languages apart once its output distribution moves.
-METHOD_LORA = [
-    "model.lora_attn_modules=[q_proj,v_proj]", "model.apply_lora_to_mlp=False", "model.apply_lora_to_output=False",
-    "model.lora_rank=8", "model.lora_alpha=16", "optimizer.lr=1e-3",
-]
+# Every training setting of the demo is in these YAML files (``configs/demo/`` in the repository);
+# the demo only fills in its run's paths and seed and saves the result as RUN_DIR/<stage>/config.yaml.
+CONFIG_FILES = {
+    "base": "stage0_pretrain_en_full.yaml",
+    "instruct": "stage0_instruct_en_full.yaml",
+    "stage1": "stage1_kowiki_lora.yaml",
+    "stage3": "stage3_kolima_bilima_lora.yaml",
+}
+DEFAULT_CONFIG_DIR = Path("configs/demo")  # relative to the repository root, where `make demo` runs
 
 
 def _data_stage(chain: Chain) -> tuple[StageRecord, DemoData]:
@@ -49,23 +44,27 @@ def _data_stage(chain: Chain) -> tuple[StageRecord, DemoData]:
     return rec, DemoData.at(chain.run_dir / "data")
 
 
-def _init_stage(chain: Chain) -> StageRecord:
+def _init_stage(chain: Chain, seed: int) -> StageRecord:
     def body(out: Path, rec: StageRecord) -> None:
         model = out / "model"
         run_logged([sys.executable, "-m", "tools.make_tiny_model", "--out", str(model), "--preset", "mini",
-                    "--dtype", "float32", "--seed", "0"], out / "stdout.log", rec)
+                    "--dtype", "float32", "--seed", str(seed)], out / "stdout.log", rec)
         rec.outputs["checkpoint"] = str(model)
+        rec.info["seed"] = seed
 
     return chain.stage("init", "Random-init mini Llama 3 (hidden 64, 2 layers, vocab 128,256)", body)
 
 
-def _training_stage(chain: Chain, name: str, what: str, recipe: str, config: str, src: Path,
-                    overrides: list[str], *, nproc: int | None, dataset: list | None = None) -> StageRecord:
+def _training_stage(chain: Chain, name: str, what: str, recipe: str, src: Path, settings: dict[str, object],
+                    *, nproc: int | None, chat_model: bool = False) -> StageRecord:
     def body(out: Path, rec: StageRecord) -> None:
-        cfg = derived_config(config, out, dataset=dataset) if dataset is not None else config
-        cmd = tune_cpu(recipe, cfg, [f"output_dir={out}", *checkpoint_overrides(src), *MINI_MODEL, *overrides], nproc=nproc)
-        run_logged(cmd, out / "stdout.log", rec)
-        rec.outputs["checkpoint"] = str(final_epoch(out))
+        cfg = stage_config(chain.config_dir / CONFIG_FILES[name], out,
+                           {"output_dir": str(out), **checkpoint_settings(src), **settings})
+        run_logged(tune_cpu(recipe, cfg, nproc=nproc), out / "stdout.log", rec)
+        ckpt = final_epoch(out)
+        if chat_model:  # the chat template ends a turn with <|eot_id|>: so must generation
+            write_chat_stop_tokens(ckpt)
+        rec.outputs["checkpoint"] = str(ckpt)
         rec.info["losses"] = logged_losses(out)
 
     return chain.stage(name, what, body)
@@ -81,37 +80,38 @@ def _chat_vector_stage(chain: Chain, base: Path, instruct: Path, target: Path) -
     return chain.stage("chat_vector", "stage 1 + (instruct - base)", body)
 
 
-def train_all(chain: Chain) -> tuple[dict[str, StageRecord], DemoData]:
+def _stage3_datasets(data: DemoData) -> dict[str, object]:
+    return {"dataset.0.data_files": str(data.kolima_train), "dataset.1.data_files": str(data.bilima),
+            "dataset.2.data_files": str(data.bilima), "dataset.3.data_files": str(data.en_qa_train)}
+
+
+def train_all(chain: Chain, *, seed: int = 0) -> tuple[dict[str, StageRecord], DemoData]:
     """Runs (or reuses) every training stage; returns the records by stage name."""
     stages: dict[str, StageRecord] = {}
     stages["data"], data = _data_stage(chain)
-    stages["init"] = _init_stage(chain)
-    ckpt = lambda name: Path(stages[name].outputs["checkpoint"])  # noqa: E731
+    stages["init"] = _init_stage(chain, seed)
+    if stages["init"].info.get("seed") != seed:
+        raise ValueError(f"{chain.run_dir} holds the run of seed {stages['init'].info.get('seed')}, not {seed}: "
+                         "use another --run-dir or --force")
+
+    def ckpt(name: str) -> Path:
+        return Path(stages[name].outputs["checkpoint"])
+
     stages["base"] = _training_stage(
-        chain, "base", "Stage 0a: pretrain the English base from scratch on pydoc prose",
-        "full_finetune_single_device", "stage0_pretrain_en_full.yaml", ckpt("init"),
-        [f"dataset.data_files={data.en_train}", f"max_steps_per_epoch={PRETRAIN_STEPS}", "optimizer.lr=1e-2"],
+        chain, "base", "Stage 0a: pretrain the base from scratch, English-first with a small Korean share",
+        "full_finetune_single_device", ckpt("init"), {"dataset.data_files": str(data.base_train), "seed": seed},
         nproc=None)
     stages["instruct"] = _training_stage(
         chain, "instruct", "Stage 0b: tune a copy of the base on English Q/A (chat format)",
-        "full_finetune_single_device", "stage0_instruct_en_full.yaml", ckpt("base"),
-        [f"dataset.data_files={data.en_qa_train}", f"epochs={INSTRUCT_EPOCHS}", "batch_size=2", "optimizer.lr=3e-3"],
-        nproc=None)
+        "full_finetune_single_device", ckpt("base"), {"dataset.data_files": str(data.en_qa_train), "seed": seed},
+        nproc=None, chat_model=True)
     stages["stage1"] = _training_stage(
         chain, "stage1", "Stage 1: LoRA continued pretraining of the base on Korean",
-        "lora_finetune_distributed", "stage1_kowiki_lora.yaml", ckpt("base"),
-        [f"dataset.data_files={data.ko_train}", f"max_steps_per_epoch={STAGE1_STEPS}", *METHOD_LORA],
-        nproc=2)
+        "lora_finetune_distributed", ckpt("base"), {"dataset.data_files": str(data.ko_train), "seed": seed}, nproc=2)
     stages["chat_vector"] = _chat_vector_stage(chain, ckpt("base"), ckpt("instruct"), ckpt("stage1"))
     stages["stage3"] = _training_stage(
         chain, "stage3", "Stage 3: LoRA instruction tuning on KoLIMA + BiLIMA (en_ko, ko_en)",
-        "lora_finetune_distributed", "stage3_kolima_bilima_lora.yaml", ckpt("chat_vector"),
-        [f"epochs={STAGE3_EPOCHS}", *METHOD_LORA], nproc=2, dataset=[
-            {"_component_": "kobllla.datasets.kolima_dataset", "source": "json",
-             "data_files": str(data.kolima_train), "packed": True},
-            *({"_component_": "kobllla.datasets.bilima_dataset", "mode": mode, "source": "json",
-               "data_files": str(data.bilima), "packed": True} for mode in ("en_ko", "ko_en")),
-        ])
+        "lora_finetune_distributed", ckpt("chat_vector"), {**_stage3_datasets(data), "seed": seed}, nproc=2)
     return stages, data
 
 
@@ -131,12 +131,14 @@ class DemoResult:
     total_s: float
 
 
-def run_demo(run_dir: Path, *, force: bool = False) -> DemoResult:
+def run_demo(run_dir: Path, *, force: bool = False, seed: int = 0, config_dir: Path = DEFAULT_CONFIG_DIR) -> DemoResult:
     """Runs every stage (reusing finished ones unless ``force``), evaluates, writes the report.
 
     Args:
         run_dir (Path): where every stage's output, the evaluation and the report go.
         force (bool): redo every stage even if its output is complete.
+        seed (int): the mini model's init seed and every recipe's ``seed`` (data order).
+        config_dir (Path): the demo's torchtune YAMLs (``configs/demo`` of the repository).
 
     Returns:
         DemoResult: the report's path, the method's checks, the gate, the scores.
@@ -144,16 +146,23 @@ def run_demo(run_dir: Path, *, force: bool = False) -> DemoResult:
     Raises:
         StageFailed: a stage's command failed (the message names its log).
     """
-    from kobllla.demo._evaluate import evaluate_models, gate, method_checks
+    from kobllla.demo._evaluate import evaluate_models, gate, method_checks, samples_stage
     from kobllla.demo._report import write_report
 
     run_dir = Path(run_dir).resolve()
     t0 = time.perf_counter()
-    chain = Chain(run_dir, force=force)
-    stages, data = train_all(chain)
-    checkpoints = {name: Path(stages[name].outputs["checkpoint"]) for name in ("base", "instruct", "stage1", "chat_vector", "stage3")}
+    config_dir = Path(config_dir).resolve()
+    missing = [name for name in CONFIG_FILES.values() if not (config_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{config_dir}: missing the demo configs {missing}; run from the repository root "
+                                "or pass --config-dir configs/demo")
+    chain = Chain(run_dir, force=force, config_dir=config_dir)
+    stages, data = train_all(chain, seed=seed)
+    models = ("base", "instruct", "stage1", "chat_vector", "stage3")
+    checkpoints = {name: Path(stages[name].outputs["checkpoint"]) for name in models}
     stages["eval"] = evaluate_models(chain, checkpoints, data)
     scores = {label: stages["eval"].info[label] for label in checkpoints}
+    stages["samples"] = samples_stage(chain, checkpoints, data, seed=seed)
     checks = method_checks(scores)
     gate_passed, gate_lines = gate(run_dir, run_dir / "report" / "gate")
     total_s = time.perf_counter() - t0

@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, help="an HF model dir (default: make one of --preset in --work)")
     p.add_argument("--preset", default="tiny", help="kobllla.tiny_model preset when --model is not given")
+    p.add_argument("--flavor", default="instruct", choices=["base", "instruct"],
+                   help="of the made model: a base one (chat template, eos <|end_of_text|>) gets eos <|eot_id|> "
+                        "from tools.export_gguf, so its files differ from the hand run's in that one key")
     p.add_argument("--work", type=Path, required=True, help="scratch directory (emptied)")
     p.add_argument("--llama-cpp", type=Path, help="llama.cpp tree (default: as tools.export_gguf finds it)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         from kobllla.tiny_model import make_model
 
         start = time.perf_counter()
-        model = make_model(args.work / args.preset, preset=args.preset, dtype="bfloat16")
+        model = make_model(args.work / args.preset, preset=args.preset, flavor=args.flavor, dtype="bfloat16")
         make_s = time.perf_counter() - start
     weights = [f for f in model.iterdir() if f.suffix == ".safetensors"]
     for f in weights:  # read once: both runs start with the page cache warm
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     files = {q: [args.work / run / f"{model.name}-{q}.gguf" for run in ("hand", "ours")] for q in ("f16", "q4_k_m")}
     same = {q: sha256(hand_file) == sha256(our_file) for q, (hand_file, our_file) in files.items()}
     result = {
-        "model": str(model), "preset": None if args.model else args.preset, "model_bytes": model_bytes,
+        "model": str(model), "preset": None if args.model else args.preset, "flavor": args.flavor,
+        "model_bytes": model_bytes,
         "make_model_s": make_s, "machine": f"{platform.node()} {os.cpu_count()} CPUs", "threads": args.threads,
         "llama_cpp": lc.describe(), "by_hand": hand, "kobllla": mine, "byte_identical": same,
         "ratio_total": mine["total_s"] / hand["total_s"],

@@ -205,6 +205,8 @@ def test_sigkilled_export_leaves_nothing_at_the_final_names(trained_mini, llama_
     ("architecture", r"llama\.cpp's converter .* failed .*Model FooForCausalLM is not supported"),
     ("no-llama-cpp", r"--llama-cpp .*nowhere has no convert_hf_to_gguf\.py; run `make llama-cpp`"),
     ("out-inside-model", r"would overwrite or replace input"),
+    ("out-is-a-file", r"--out .*x\.gguf is a file; --out names a directory"),
+    ("bad-name", r"file name stem 'a/b' .* pass --name"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(case, match, tiny_base, llama_cpp_tree, tmp_path, capsys):
     model = tmp_path / "model"
@@ -224,13 +226,18 @@ def test_bad_input_one_line_exit_2_nothing_written(case, match, tiny_base, llama
         extra = ["--llama-cpp", str(tmp_path / "nowhere")]
     elif case == "out-inside-model":
         out = model / "gguf"
+    elif case == "out-is-a-file":
+        out = tmp_path / "x.gguf"
+        out.write_bytes(b"GGUF")
+    elif case == "bad-name":
+        extra = ["--name", "a/b"]
     before = tree_bytes(model)
     assert cli.main(["--model", str(model), "--out", str(out), "--quant", quant, "--no-progress", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
     assert __import__("re").search(match, err), err
     assert tree_bytes(model) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] + (["x.gguf"] if case == "out-is-a-file" else [])
 
 
 def test_chat_model_with_untrained_chat_token_rows_is_refused(tiny_base, llama_cpp_tree, tmp_path, capsys):

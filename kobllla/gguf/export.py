@@ -316,10 +316,15 @@ def export_gguf(
     todo = parse_quants(quants)
     _check_input(model, base)
     refuse_output_over_inputs(out, [model, base])
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; --out names a directory (OUT/<name>-<quant>.gguf)")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pick another --out or pass --overwrite to replace it")
-    lc = find_llama_cpp(llama_cpp, fetch=fetch)
     stem = name or default_name(model)
+    if not re.fullmatch(r"[\w.+-]+", stem) or stem.startswith("."):
+        raise ValueError(f"file name stem {stem!r} (--name, default: the model directory's name): use letters, "
+                         "digits, '.', '_', '+' and '-' only; pass --name")
+    lc = find_llama_cpp(llama_cpp, fetch=fetch)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         scratch = tmp / ".scratch"
         scratch.mkdir()

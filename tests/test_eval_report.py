@@ -39,7 +39,8 @@ def _run(label: str, tasks: dict, stamp: str = "20261123T120000Z") -> dict:
 @pytest.fixture
 def seed_runs(tmp_path) -> Path:
     """The seed README's four models, stored as run records in a results dir."""
-    for label, mc2 in [("llama3", 0.4396), ("kobllla", 0.4304), ("llama3-instruct", 0.5170), ("kobllla-chatvec", 0.5144)]:
+    for label, mc2 in [("llama3", 0.4396), ("kobllla", 0.4304), ("llama3-instruct", 0.5170),
+                       ("kobllla-chatvec", 0.5144)]:
         save_run(_run(label, {"truthfulqa_mc2": _task(mc2)}), tmp_path / "results")
     return tmp_path / "results"
 
@@ -70,7 +71,8 @@ def test_a_drop_beyond_the_tolerance_exits_1_naming_metric_values_and_tolerance(
     assert rc == 1
     assert capsys.readouterr().err == (
         "gate FAIL truthfulqa_mc2/acc: stage3 0.5012 vs llama3-instruct 0.5170 (delta -0.0158, allowed drop 0.0100)\n")
-    assert "| stage3 | llama3-instruct | 0.5012 ± 0.0150 (-0.0158) | **FAIL** |" in (tmp_path / "r" / "report.md").read_text()
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| stage3 | llama3-instruct | 0.5012 ± 0.0150 (-0.0158) | **FAIL** |" in md
 
 
 def test_a_drop_of_exactly_the_tolerance_passes_and_the_tolerance_is_configurable_per_metric(seed_runs, tmp_path):
@@ -93,14 +95,18 @@ def test_runs_with_different_task_versions_are_refused(seed_runs, tmp_path, caps
 
 def test_runs_on_different_local_data_are_refused(tmp_path):
     local = {"source": "local", "files": {"validation": {"path": "/d/v.jsonl", "sha256": "ab" * 32, "rows": 817}}}
-    runs = {"a": _run("a", {"truthfulqa_mc2": _task(0.44, data=local)}), "b": _run("b", {"truthfulqa_mc2": _task(0.43)})}
-    with pytest.raises(IncomparableRunsError, match=r"on truthfulqa_mc2: data differs \(hub truthfulqa/truthful_qa/multiple_choice in .*-b vs local validation:abababababab in .*-a\)"):
+    runs = {"a": _run("a", {"truthfulqa_mc2": _task(0.44, data=local)}),
+            "b": _run("b", {"truthfulqa_mc2": _task(0.43)})}
+    with pytest.raises(IncomparableRunsError,
+                       match=r"on truthfulqa_mc2: data differs \(hub truthfulqa/truthful_qa/multiple_choice in .*-b "
+                             r"vs local validation:abababababab in .*-a\)"):
         compare_runs(runs, pairs=[("b", "a")])
 
 
 def test_perplexity_gates_fail_when_perplexity_rises(tmp_path):
     ppl = dict(version="kobllla-heldout/1", stderr=None, higher=False, metric="token_ppl", n=3)
-    runs = {"base": _run("base", {"heldout_ko": _task(41.0, **ppl)}), "stage1": _run("stage1", {"heldout_ko": _task(12.5, **ppl)}),
+    runs = {"base": _run("base", {"heldout_ko": _task(41.0, **ppl)}),
+            "stage1": _run("stage1", {"heldout_ko": _task(12.5, **ppl)}),
             "worse": _run("worse", {"heldout_ko": _task(43.0, **ppl)})}
     comparison = compare_runs(runs, pairs=[("stage1", "base"), ("worse", "base")], gates={"heldout_ko/token_ppl": 1.0})
     assert [g.passed for g in comparison.gates] == [True, False]
@@ -113,12 +119,13 @@ def test_an_explicit_gate_on_a_metric_a_run_lacks_is_refused(seed_runs, tmp_path
     rc = report_cli.main([str(seed_runs), "--pair", "korean-only=llama3", "--gate", "truthfulqa_mc2/acc=0.01",
                           "--out", str(tmp_path / "r")])
     assert rc == 2
-    assert ("error: cannot gate truthfulqa_mc2/acc: run korean-only (20261123T130000Z-korean-only) has no score for it; "
-            "evaluate it on truthfulqa_mc2 or drop the gate") in capsys.readouterr().err
+    assert ("error: cannot gate truthfulqa_mc2/acc: run korean-only (20261123T130000Z-korean-only) "
+            "has no score for it; evaluate it on truthfulqa_mc2 or drop the gate") in capsys.readouterr().err
 
 
 def test_the_default_gate_is_noted_not_applied_when_neither_run_has_the_metric():
-    runs = {"a": _run("a", {"kobest_boolq": _task(0.6, version=1.0)}), "b": _run("b", {"kobest_boolq": _task(0.5, version=1.0)})}
+    runs = {"a": _run("a", {"kobest_boolq": _task(0.6, version=1.0)}),
+            "b": _run("b", {"kobest_boolq": _task(0.5, version=1.0)})}
     comparison = compare_runs(runs, pairs=[("b", "a")])
     assert comparison.gates == [] and comparison.passed
     assert comparison.notes == ["b vs a: truthfulqa_mc2/acc not gated (neither run has it)"]
@@ -127,9 +134,11 @@ def test_the_default_gate_is_noted_not_applied_when_neither_run_has_the_metric()
 
 def test_unknown_labels_and_metrics_are_refused_with_the_valid_ones(seed_runs):
     runs = load_runs([seed_runs])
-    with pytest.raises(ValueError, match=r"no run labelled 'stage9'; runs given: \['kobllla', 'kobllla-chatvec', 'llama3', 'llama3-instruct'\]"):
+    with pytest.raises(ValueError, match=r"no run labelled 'stage9'; "
+                                         r"runs given: \['kobllla', 'kobllla-chatvec', 'llama3', 'llama3-instruct'\]"):
         compare_runs(runs, pairs=[("stage9", "llama3")])
-    with pytest.raises(ValueError, match=r"no run has metric 'kobest_boolq/acc'; metrics in these runs: \['truthfulqa_mc2/acc'\]"):
+    with pytest.raises(ValueError,
+                       match=r"no run has metric 'kobest_boolq/acc'; metrics in these runs: \['truthfulqa_mc2/acc'\]"):
         compare_runs(runs, pairs=[("kobllla", "llama3")], metrics=["kobest_boolq/acc"])
 
 
@@ -145,13 +154,15 @@ def test_history_keeps_every_run_and_reports_use_the_latest_per_label(seed_runs)
     runs = load_runs([seed_runs])
     assert runs["kobllla"]["run_id"] == "20261124T090000Z-kobllla"
     lines = (seed_runs / "history.jsonl").read_text().splitlines()
-    assert [json.loads(line)["run_id"] for line in lines][-2:] == ["20261123T120000Z-kobllla-chatvec", "20261124T090000Z-kobllla"]
+    assert [json.loads(line)["run_id"] for line in lines][-2:] == ["20261123T120000Z-kobllla-chatvec",
+                                                                   "20261124T090000Z-kobllla"]
     assert len(lines) == 5
 
 
 def test_bad_record_files_are_one_line_errors(tmp_path):
     (tmp_path / "x.json").write_text('{"schema": "something-else"}')
-    with pytest.raises(ValueError, match=r"x\.json is not a run record \(schema 'something-else', expected 'kobllla\.eval\.run/1'\)"):
+    with pytest.raises(ValueError, match=r"x\.json is not a run record "
+                                         r"\(schema 'something-else', expected 'kobllla\.eval\.run/1'\)"):
         load_run(tmp_path / "x.json")
     (tmp_path / "y.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"y\.json is not valid JSON \(Expecting property name"):
@@ -184,6 +195,9 @@ def test_shipped_plans_are_valid():
     assert plan["compare"] == {"stage1": "llama3", "chatvec": "llama3-instruct", "stage3": "llama3-instruct"}
     assert plan["gates"] == {"truthfulqa_mc2/acc": 0.01} and plan["suites"] == ["english_retention", "korean"]
     assert load_plan(suites / "tiny_smoke.yaml")["data_dir"] == "tests/assets/eval/data"
+    translation = load_plan(suites / "translation_ko_zh.yaml")
+    assert (translation["suites"], translation["translation_data"]) == (["translation"], "data/translation")
+    assert translation["gates"] == {"kobllla_translation_ko_zh/chrf": 0.0, "kobllla_translation_zh_ko/chrf": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -213,7 +227,9 @@ def test_report_only_plan_renders_from_stored_runs_and_gates(seed_runs, tmp_path
         f"report_dir: {tmp_path / 'report'}\ncompare: {{kobllla: llama3}}\ngates: {{truthfulqa_mc2/acc: 0.005}}\n"
     )
     assert plan_cli.main([str(plan), "--report-only"]) == 1  # -0.0092 is beyond 0.005
-    assert "| kobllla | llama3 | 0.4304 ± 0.0150 (-0.0092) | **FAIL** |" in (tmp_path / "report" / "report.md").read_text()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| kobllla | llama3 | 0.4304 ± 0.0150 (-0.0092) | **FAIL** |" in md
     missing = tmp_path / "missing.yaml"
-    missing.write_text(plan.read_text().replace("kobllla: /ckpt/kobllla", "stage9: /ckpt/s9").replace("compare: {kobllla", "compare: {stage9"))
+    missing.write_text(plan.read_text().replace("kobllla: /ckpt/kobllla", "stage9: /ckpt/s9")
+                       .replace("compare: {kobllla", "compare: {stage9"))
     assert plan_cli.main([str(missing), "--report-only"]) == 2

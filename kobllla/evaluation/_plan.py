@@ -8,6 +8,8 @@ A plan (see ``eval/suites/*.yaml``)::
     suites: [english_retention, korean]
     tasks: []          # extra task names
     data_dir: null     # local dataset copies (null: the hub)
+    translation_data: null  # held-out parallel files for the translation suite (test.ko + test.zh or test.jsonl)
+    max_gen_toks: null      # translation tasks' new-token cap (null: 256)
     heldout: {ko: heldout/ko.txt, en: heldout/en.txt}
     results_dir: runs/eval
     report_dir: reports/eval
@@ -37,8 +39,9 @@ from kobllla.evaluation._samples import check_plan_samples, run_plan_samples
 from kobllla.evaluation._store import check_label, load_runs
 
 _DEFAULTS: dict = {
-    "suites": [], "tasks": [], "data_dir": None, "heldout": {}, "compare": {}, "gates": None, "device": "auto",
-    "dtype": "auto", "batch_size": "auto", "limit": None, "num_fewshot": None, "scorer": "hf", "samples": None,
+    "suites": [], "tasks": [], "data_dir": None, "translation_data": None, "max_gen_toks": None, "heldout": {},
+    "compare": {}, "gates": None, "device": "auto", "dtype": "auto", "batch_size": "auto", "limit": None,
+    "num_fewshot": None, "scorer": "hf", "samples": None,
 }
 _REQUIRED = ("models", "results_dir", "report_dir")
 
@@ -97,6 +100,7 @@ def run_plan(plan: dict, *, evaluate: bool = True) -> Comparison | None:
         for label, model in plan["models"].items():
             evaluate_model(
                 model, label=str(label), suites=plan["suites"], tasks=plan["tasks"], data_dir=plan["data_dir"],
+                translation_data=plan["translation_data"], max_gen_toks=plan["max_gen_toks"],
                 heldout=plan["heldout"] or None, device=plan["device"], dtype=plan["dtype"],
                 batch_size=plan["batch_size"], limit=plan["limit"], num_fewshot=plan["num_fewshot"],
                 scorer=plan["scorer"], results_dir=Path(plan["results_dir"]),
@@ -108,7 +112,8 @@ def run_plan(plan: dict, *, evaluate: bool = True) -> Comparison | None:
     runs = load_runs([Path(plan["results_dir"])])
     absent = [str(label) for label in plan["models"] if str(label) not in runs]
     if absent:
-        raise ValueError(f"no stored run for {absent} in {plan['results_dir']}; run the plan without --report-only first")
+        raise ValueError(f"no stored run for {absent} in {plan['results_dir']}; "
+                         "run the plan without --report-only first")
     runs = {str(label): runs[str(label)] for label in plan["models"]}
     gates = None if plan["gates"] is None else {str(k): float(v) for k, v in plan["gates"].items()}
     comparison = compare_runs(runs, pairs=[(str(c), str(b)) for c, b in plan["compare"].items()], gates=gates)

@@ -94,7 +94,8 @@ def peak_flops_for(device_name: str, override_tflops: float | None = None) -> fl
     for key, value in PEAK_BF16_FLOPS.items():
         if key in device_name:
             return value
-    raise ValueError(f"no bf16 peak known for device {device_name!r}; pass --peak-tflops (one of {sorted(PEAK_BF16_FLOPS)} is known)")
+    raise ValueError(f"no bf16 peak known for device {device_name!r}; "
+                     f"pass --peak-tflops (one of {sorted(PEAK_BF16_FLOPS)} is known)")
 
 
 @dataclass
@@ -136,7 +137,7 @@ def steady_state(steps: list[dict], *, warmup: int, positions_per_step: int) -> 
     if len(rows) < warmup + 2:
         raise ValueError(f"need more than warmup + 1 = {warmup + 1} logged steps, got {len(rows)}: raise --steps")
     times, tokens = [], []
-    for prev, cur in zip(rows, rows[1:]):
+    for prev, cur in zip(rows, rows[1:], strict=False):
         if cur["step"] <= warmup:
             continue
         gap = cur["wall_time"] - prev["wall_time"]
@@ -150,7 +151,7 @@ def steady_state(steps: list[dict], *, warmup: int, positions_per_step: int) -> 
         "useful_tokens_per_s": sum(tokens) / total_t,
         "positions_per_s": positions_per_step * len(times) / total_t,
         "step_s_median": _median(times),
-        "useful_tokens_per_s_median_step": _median([t / g for t, g in zip(tokens, times)]),
+        "useful_tokens_per_s_median_step": _median([t / g for t, g in zip(tokens, times, strict=True)]),
     }
 
 
@@ -309,7 +310,8 @@ def build_packs(csv_path: Path, *, tokenizer_path: Path, seq_len: int, packs_out
         tokens[i], labels[i], input_pos[i] = sample["tokens"], sample["labels"], sample["input_pos"]
     expected = ds.stats.tokens - ds.stats.documents
     if fig.trained != expected:
-        raise ValueError(f"{csv_path}: {fig.trained} trained targets, expected tokens - documents = {expected}: tokens were dropped or duplicated")
+        raise ValueError(f"{csv_path}: {fig.trained} trained targets, expected tokens - documents = {expected}: "
+                         "tokens were dropped or duplicated")
     np.savez(packs_out, tokens=tokens, labels=labels, input_pos=input_pos)
     return {**asdict(fig), "padding_share": fig.padding_share, "trained_share": fig.trained_share,
             "corpus_tokens": ds.stats.tokens, "documents": ds.stats.documents, "no_token_dropped": True}
@@ -467,10 +469,10 @@ def peer_main(args: argparse.Namespace) -> int:
     """The peer's training loop; writes its figures to ``args.result``."""
     sys.modules["torchao"] = None  # peft refuses torchao < 0.16 when importable; the peer never uses it
     import numpy as np
+    import peft
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
-    import peft
 
     device = args.device
     t_load = time.time()
@@ -521,7 +523,8 @@ def peer_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_peer(*, args: argparse.Namespace, model_dir: Path, packs: Path, out: Path, device: str, timeout_s: float) -> dict:
+def run_peer(*, args: argparse.Namespace, model_dir: Path, packs: Path, out: Path, device: str,
+             timeout_s: float) -> dict:
     result_path = out / "peer.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "peer", "--model", str(model_dir), "--packs", str(packs),
            "--steps", str(args.peer_steps), "--warmup", str(args.peer_warmup), "--batch-size", str(args.batch_size),
@@ -795,10 +798,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer-warmup", type=int, default=3)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="our runs eager (default: compiled)")
     p.add_argument("--variants", type=_variant_list, default=["shipped"],
-                   help=f"comma-separated component sets to run, the first is the loss reference: {', '.join(VARIANTS)}")
+                   help="comma-separated component sets to run, the first is the loss reference: "
+                        f"{', '.join(VARIANTS)}")
     p.add_argument("--loss-micro", action="store_true", help="also time the output projection + loss alone (GPU)")
     p.add_argument("--peer-pythonpath", default="", help="PYTHONPATH of the peer process (where peft is)")
-    p.add_argument("--extra-batch-size", type=int, default=0, help="also run ours at this batch size (last, if time is left)")
+    p.add_argument("--extra-batch-size", type=int, default=0,
+                   help="also run ours at this batch size (last, if time is left)")
     p.add_argument("--deadline-s", type=float, default=1e9, help="the whole benchmark's time budget (seconds)")
     p.add_argument("--peer-needs-s", type=float, default=90, help="run the peer only with this much budget left")
     p.add_argument("--extra-needs-s", type=float, default=120, help="run the extra batch size only with this much left")

@@ -59,7 +59,8 @@ def wtp_text(title: str, wikitext: str) -> str:
             sections.append((level, head, clean_block(body)))
     blocks = [f" = {title} ="]
     for i, (level, head, body) in enumerate(sections):
-        below = [b for lv, _, b in sections[i + 1:i + 1 + next((k for k, (lv2, _, _) in enumerate(sections[i + 1:]) if lv2 <= level), len(sections))]]
+        end = next((k for k, (lv2, _, _) in enumerate(sections[i + 1:]) if lv2 <= level), len(sections))
+        below = [b for lv, _, b in sections[i + 1:i + 1 + end]]
         if head and (body or any(below)):
             blocks.append(" " + "= " * level + head + " =" * level)
         if body:

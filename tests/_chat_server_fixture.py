@@ -57,7 +57,7 @@ class FakeChatServer:
         self.httpd = _Server(("127.0.0.1", 0), self._handler())
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def __enter__(self) -> "FakeChatServer":
+    def __enter__(self) -> FakeChatServer:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         return self
 

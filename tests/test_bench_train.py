@@ -101,7 +101,8 @@ def test_wall_clock_logger_writes_tensors_as_numbers_and_parses_back(tmp_path):
 
 
 def test_parse_metric_log_refuses_what_it_cannot_read():
-    with pytest.raises(ValueError, match=r"metric log line 1: tokens_per_second_per_gpu='tensor\(5.5,' is not a number"):
+    with pytest.raises(ValueError,
+                       match=r"metric log line 1: tokens_per_second_per_gpu='tensor\(5.5,' is not a number"):
         bench.parse_metric_log("Step 1 | tokens_per_second_per_gpu:tensor(5.5, device='cuda:0')")
     with pytest.raises(ValueError, match=r"metric log line 2: 'garbage' is not key:value"):
         bench.parse_metric_log("header\nStep 2 | garbage")

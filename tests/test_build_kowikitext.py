@@ -134,7 +134,9 @@ def test_labels_and_parentheses_emptied_by_removed_templates_go_and_magic_words_
         "'''서울'''(영어: {{lang|en|Seoul}}, 한자: 서울特別市)은 __NOTOC__ 도시이다. "
         "비(영어: {{lang|en|rain}})가 온다. 그({{llang|en|he}}, )는 간다.__목차숨김__"
     )
-    assert wikitext_to_text("서울", wikitext).text == " = 서울 =\n\n서울(한자: 서울特別市)은 도시이다. 비가 온다. 그는 간다."
+    assert wikitext_to_text("서울", wikitext).text == (
+        " = 서울 =\n\n서울(한자: 서울特別市)은 도시이다. 비가 온다. 그는 간다."
+    )
 
 
 def test_text_is_nfc_even_when_the_dump_is_decomposed():
@@ -247,14 +249,16 @@ def build_expecting(tmp_path: Path, dump: Path, exc: type, match: str) -> None:
 
 
 def test_missing_dump_names_the_path_and_the_download_option(tmp_path):
-    build_expecting(tmp_path, tmp_path / "nope.xml.bz2", FileNotFoundError, r"dump not found: .*nope.xml.bz2; .*--download")
+    build_expecting(tmp_path, tmp_path / "nope.xml.bz2", FileNotFoundError,
+                    r"dump not found: .*nope.xml.bz2; .*--download")
 
 
 def test_truncated_bz2_fails_naming_the_page_count_and_leaves_no_output(tmp_path):
     dump = write_dump(tmp_path / "d.xml.bz2", realistic_pages(200, seed=1))
     data = dump.read_bytes()
     dump.write_bytes(data[: len(data) // 2])
-    build_expecting(tmp_path, dump, ValueError, r"d.xml.bz2: compressed data ends early after \d+ pages .*download it again")
+    build_expecting(tmp_path, dump, ValueError,
+                    r"d.xml.bz2: compressed data ends early after \d+ pages .*download it again")
 
 
 def test_corrupt_bz2_block_is_refused(tmp_path):
@@ -367,7 +371,8 @@ def test_a_worker_killed_mid_run_fails_the_build_instead_of_hanging(tmp_path, mo
 
     dump = write_dump(tmp_path / "d.xml.bz2", realistic_pages(100, seed=2))
     monkeypatch.setattr(build, "clean_batch", _worker_dies)
-    with pytest.raises(RuntimeError, match=r"a parser worker died after \d+ pages of d.xml.bz2 .*rerun with fewer --workers"):
+    with pytest.raises(RuntimeError,
+                       match=r"a parser worker died after \d+ pages of d.xml.bz2 .*rerun with fewer --workers"):
         build_kowikitext(dump=dump, out_dir=tmp_path / "out", workers=2, progress=False)
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
 

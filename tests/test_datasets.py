@@ -162,7 +162,7 @@ def user_assistant_expected(tok, turns: list[str], system: str | None = None, tr
 
 def test_chat_masking_covers_exactly_system_and_user_tokens(assets, llama3_tok):
     ds = kolima_dataset(llama3_tok, source=str(assets / "kolima_tiny.jsonl"))
-    rows = [json.loads(l) for l in (assets / "kolima_tiny.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line) for line in (assets / "kolima_tiny.jsonl").read_text(encoding="utf-8").splitlines()]
     for i, row in enumerate(rows):
         tokens, labels = user_assistant_expected(llama3_tok, row["conversations"])
         assert ds[i] == {"tokens": tokens, "labels": labels}
@@ -177,8 +177,9 @@ def test_chat_masking_covers_exactly_system_and_user_tokens(assets, llama3_tok):
 def test_seed_csv_rows_equal_lima_rows_and_carry_their_system_prompt(assets, llama3_tok):
     seed = kolima_dataset(llama3_tok, source="csv", data_files=str(assets / "kolima_seed.csv"))
     lima = kolima_dataset(llama3_tok, source="json", data_files=str(assets / "kolima_tiny.jsonl"))
-    rows = [json.loads(l) for l in (assets / "kolima_tiny.jsonl").read_text(encoding="utf-8").splitlines()]
-    tokens, labels = user_assistant_expected(llama3_tok, rows[0]["conversations"], system="당신은 친절한 한국어 도우미입니다.")
+    rows = [json.loads(line) for line in (assets / "kolima_tiny.jsonl").read_text(encoding="utf-8").splitlines()]
+    tokens, labels = user_assistant_expected(llama3_tok, rows[0]["conversations"],
+                                             system="당신은 친절한 한국어 도우미입니다.")
     assert seed[0] == {"tokens": tokens, "labels": labels}
     assert seed[1] == lima[1]  # no system in that CSV row
 
@@ -187,8 +188,9 @@ def test_system_prompt_fills_rows_without_one_and_train_on_input_unmasks_them(as
     ds = kolima_dataset(
         llama3_tok, source=str(assets / "kolima_tiny.jsonl"), system_prompt="한국어로 답하세요.", train_on_input=True
     )
-    rows = [json.loads(l) for l in (assets / "kolima_tiny.jsonl").read_text(encoding="utf-8").splitlines()]
-    tokens, labels = user_assistant_expected(llama3_tok, rows[2]["conversations"], system="한국어로 답하세요.", train_on_input=True)
+    rows = [json.loads(line) for line in (assets / "kolima_tiny.jsonl").read_text(encoding="utf-8").splitlines()]
+    tokens, labels = user_assistant_expected(llama3_tok, rows[2]["conversations"], system="한국어로 답하세요.",
+                                             train_on_input=True)
     assert ds[2] == {"tokens": tokens, "labels": labels}
     # everything but BOS and the closing EOS is trained
     assert labels == [IGNORE, *tokens[1:-1], IGNORE]
@@ -214,8 +216,10 @@ def test_bilima_puts_each_language_on_its_side(assets, llama3_tok, mode):
         llama3_tok, mode=mode,
         en_source=str(assets / "lima_en_tiny.jsonl"), ko_source=str(assets / "kolima_tiny.jsonl"),
     )
-    en = [json.loads(l)["conversations"] for l in (assets / "lima_en_tiny.jsonl").read_text(encoding="utf-8").splitlines()]
-    ko = [json.loads(l)["conversations"] for l in (assets / "kolima_tiny.jsonl").read_text(encoding="utf-8").splitlines()]
+    en = [json.loads(line)["conversations"]
+          for line in (assets / "lima_en_tiny.jsonl").read_text(encoding="utf-8").splitlines()]
+    ko = [json.loads(line)["conversations"]
+          for line in (assets / "kolima_tiny.jsonl").read_text(encoding="utf-8").splitlines()]
     user, assistant = (en, ko) if mode == "en_ko" else (ko, en)
     # row 1 has two exchanges: user turns 0 and 2, assistant turns 1 and 3
     turns = [user[1][0], assistant[1][1], user[1][2], assistant[1][3]]
@@ -267,7 +271,8 @@ def test_unreadable_path_is_refused(tmp_path, llama3_tok):
 
 def test_odd_turn_count_names_the_row(tmp_path, llama3_tok):
     f = write_jsonl(tmp_path / "k.jsonl", [{"conversations": ["a", "b"]}, {"conversations": ["a", "b", "c"]}])
-    with pytest.raises(ValueError, match=r"k\.jsonl line 2: field 'conversations' has 3 turns; expected user/assistant pairs"):
+    with pytest.raises(ValueError,
+                       match=r"k\.jsonl line 2: field 'conversations' has 3 turns; expected user/assistant pairs"):
         kolima_dataset(llama3_tok, source=str(f))
 
 
@@ -279,7 +284,8 @@ def test_empty_turn_names_the_row_and_turn(tmp_path, llama3_tok):
 
 def test_missing_conversation_column(tmp_path, llama3_tok):
     f = write_jsonl(tmp_path / "k.jsonl", [{"messages": ["a", "b"]}])
-    with pytest.raises(ValueError, match=r"k\.jsonl line 1: no field 'conversations' \(fields: messages\); set conversation_column:"):
+    with pytest.raises(ValueError, match=r"k\.jsonl line 1: no field 'conversations' \(fields: messages\); "
+                                         r"set conversation_column:"):
         kolima_dataset(llama3_tok, source=str(f))
 
 
@@ -291,7 +297,8 @@ def test_unknown_mode_lists_the_valid_ones(assets, llama3_tok):
 def test_bilima_turn_count_mismatch_is_an_error_or_skipped_and_counted(tmp_path, llama3_tok):
     rows = [{"en": ["q", "a"], "ko": ["질문", "답"]}, {"en": ["q", "a", "q2", "a2"], "ko": ["질문", "답"]}]
     f = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    with pytest.raises(ValueError, match=r"pairs\.jsonl line 2 has 4 English turns but pairs\.jsonl line 2 has 2 Korean turns; .*on_mismatch: skip"):
+    with pytest.raises(ValueError, match=r"pairs\.jsonl line 2 has 4 English turns but pairs\.jsonl line 2 has "
+                                         r"2 Korean turns; .*on_mismatch: skip"):
         bilima_dataset(llama3_tok, mode="en_ko", source=str(f))
     ds = bilima_dataset(llama3_tok, mode="en_ko", source=str(f), on_mismatch="skip")
     assert (len(ds), ds.skipped_rows) == (1, 1)

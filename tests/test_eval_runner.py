@@ -120,7 +120,8 @@ def _base_record(results: Path) -> dict:
 def test_truthfulqa_mc2_equals_true_answer_probability_mass_from_the_models_own_loglikelihoods(results, hf):
     per_question = []
     for row in _rows(TQA):
-        lls = np.array([_loglikelihood(hf, _tqa_context(row["question"]), " " + c) for c in row["mc2_targets"]["choices"]])
+        lls = np.array([_loglikelihood(hf, _tqa_context(row["question"]), " " + c)
+                        for c in row["mc2_targets"]["choices"]])
         probs = np.exp(lls - lls.max())
         per_question.append(probs[np.array(row["mc2_targets"]["labels"]) == 1].sum() / probs.sum())
     expected = float(np.mean(per_question))
@@ -130,7 +131,8 @@ def test_truthfulqa_mc2_equals_true_answer_probability_mass_from_the_models_own_
 
 
 def test_truthfulqa_mc1_and_kobest_boolq_are_argmax_accuracy_of_the_same_loglikelihoods(results, hf):
-    mc1 = [int(np.argmax([_loglikelihood(hf, _tqa_context(r["question"]), " " + c) for c in r["mc1_targets"]["choices"]]) == 0)
+    mc1 = [int(np.argmax([_loglikelihood(hf, _tqa_context(r["question"]), " " + c)
+                          for c in r["mc1_targets"]["choices"]]) == 0)
            for r in _rows(TQA)]
     # kobest_boolq prompt "{paragraph} 질문: {question} 답변: "; lm_eval moves its trailing space into the answer
     boolq = [int(np.argmax([_loglikelihood(hf, f"{r['paragraph']} 질문: {r['question']} 답변:", "  " + c)
@@ -214,7 +216,8 @@ def test_report_from_stored_runs_renders_markdown_and_png_and_gates_on_real_scor
                                     "--out", str(tmp_path / "tight")])
         assert rc_tight == 1
     else:  # seed 1 scored higher: swapping the roles makes it a drop
-        rc_tight = report_cli.main([str(results), "--pair", "base=other", "--gate", f"truthfulqa_mc2/acc={max(0.0, -drop - 0.001)}",
+        rc_tight = report_cli.main([str(results), "--pair", "base=other",
+                                    "--gate", f"truthfulqa_mc2/acc={max(0.0, -drop - 0.001)}",
                                     "--out", str(tmp_path / "tight")])
         assert rc_tight == 1
     assert "gate FAIL truthfulqa_mc2/acc" in capsys.readouterr().err
@@ -225,7 +228,8 @@ def test_a_limit_run_is_refused_against_a_full_run(models, results, tmp_path):
                              device="cpu", batch_size=4, limit=2, results_dir=tmp_path)
     assert limited["tasks"]["truthfulqa_mc2"]["n_samples"] == {"original": 4, "effective": 2}
     runs = load_runs([results, tmp_path])
-    with pytest.raises(ValueError, match=r"refusing to compare other-limit2 with base on truthfulqa_mc2: samples differs \(2 in .* vs 4 in"):
+    with pytest.raises(ValueError, match=r"refusing to compare other-limit2 with base on truthfulqa_mc2: "
+                                         r"samples differs \(2 in .* vs 4 in"):
         compare_runs(runs, pairs=[("other-limit2", "base")])
 
 
@@ -261,7 +265,8 @@ def test_checkpoint_without_weights_is_refused(models, tmp_path):
 def test_unknown_suite_and_task_list_the_valid_names(models):
     with pytest.raises(ValueError, match=r"unknown suite 'englsh'; choose from \['english_retention', 'haerae', "):
         evaluate_model(models["base"], label="x", suites=["englsh"], device="cpu")
-    with pytest.raises(ValueError, match=r"unknown task 'kobest_bool'; known tasks: truthfulqa_mc1, truthfulqa_mc2, kobest_boolq"):
+    with pytest.raises(ValueError,
+                       match=r"unknown task 'kobest_bool'; known tasks: truthfulqa_mc1, truthfulqa_mc2, kobest_boolq"):
         evaluate_model(models["base"], label="x", tasks=["kobest_bool"], device="cpu")
 
 
@@ -272,14 +277,16 @@ def test_malformed_local_row_names_file_row_and_field(models, tmp_path):
     rows = _rows(path)
     rows[1]["mc2_targets"]["labels"] = rows[1]["mc2_targets"]["labels"][:-1]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"validation\.jsonl line 2: field 'mc2_targets\.labels' has 3 labels for 4 choices"):
+    with pytest.raises(ValueError,
+                       match=r"validation\.jsonl line 2: field 'mc2_targets\.labels' has 3 labels for 4 choices"):
         evaluate_model(models["base"], label="x", suites=["english_retention"], data_dir=data, device="cpu",
                        results_dir=tmp_path / "res")
     assert not (tmp_path / "res").exists()
 
 
 def test_missing_local_split_says_where_it_is_expected_and_how_to_write_it(models, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"kobest_wic: no local test split at .*skt/kobest_v1/wic/test\.jsonl; .*load_dataset\('skt/kobest_v1', 'wic'"):
+    with pytest.raises(FileNotFoundError, match=r"kobest_wic: no local test split at .*skt/kobest_v1/wic/test\.jsonl; "
+                                                r".*load_dataset\('skt/kobest_v1', 'wic'"):
         evaluate_model(models["base"], label="x", tasks=["kobest_wic"], data_dir=DATA, device="cpu")
 
 
@@ -301,10 +308,12 @@ def test_shared_prefix_scorer_gives_lm_evals_scores_on_every_fixture_task(models
                           tasks=["kobest_boolq", "kobest_copa", "haerae_general_knowledge"], data_dir=DATA,
                           device="cpu", batch_size=4, scorer="shared_prefix")
     reference = _base_record(results)["tasks"]
-    assert fast["model"]["scorer"] == "shared_prefix" and fast["model"]["fingerprint"] == _base_record(results)["model"]["fingerprint"]
+    assert fast["model"]["scorer"] == "shared_prefix"
+    assert fast["model"]["fingerprint"] == _base_record(results)["model"]["fingerprint"]
     for task, entry in fast["tasks"].items():
         for metric, score in entry["metrics"].items():
-            assert score["value"] == pytest.approx(reference[task]["metrics"][metric]["value"], abs=1e-6), (task, metric)
+            expected = reference[task]["metrics"][metric]["value"]
+            assert score["value"] == pytest.approx(expected, abs=1e-6), (task, metric)
 
 
 def test_packed_row_shares_the_context_and_each_answer_sees_only_itself():
@@ -351,5 +360,6 @@ def test_plan_evaluates_every_model_then_reports(models, tmp_path):
 
 
 def test_missing_local_files_of_a_suite_are_listed_in_one_error(models):
-    with pytest.raises(FileNotFoundError, match=r"12 of 15 tasks have no local data: kobest_hellaswag \(.*hellaswag/test\.jsonl\), kobest_sentineg"):
+    with pytest.raises(FileNotFoundError, match=r"12 of 15 tasks have no local data: "
+                                                r"kobest_hellaswag \(.*hellaswag/test\.jsonl\), kobest_sentineg"):
         evaluate_model(models["base"], label="x", suites=["korean"], data_dir=DATA, device="cpu")

@@ -16,8 +16,8 @@ Library use (what ``python -m eval.run`` / ``python -m eval.report`` call)::
 """
 
 from kobllla.evaluation._checkpoint import ModelRef, check_checkpoint_dir, resolve_model
-from kobllla.evaluation._plan import check_plan, load_plan, run_plan
 from kobllla.evaluation._perplexity import perplexity, perplexity_of_texts, read_heldout
+from kobllla.evaluation._plan import check_plan, load_plan, run_plan
 from kobllla.evaluation._report import (
     DEFAULT_GATES,
     Comparison,

@@ -51,7 +51,8 @@ def check_checkpoint_dir(path: Path) -> list[Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint dir {path} does not exist; pass a Hugging Face model dir or a hub id")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json; pass the HF-format output dir of a stage (e.g. its epoch_N/)")
+        raise FileNotFoundError(f"{path} has no config.json; "
+                                "pass the HF-format output dir of a stage (e.g. its epoch_N/)")
     weights = sorted({p for g in _WEIGHT_GLOBS for p in path.glob(g)})
     if not weights:
         raise FileNotFoundError(f"{path} has no weights (*.safetensors or *.bin); was the checkpoint fully written?")
@@ -95,7 +96,7 @@ def fingerprint_files(files: list[Path] | tuple[Path, ...], root: Path, *, mode:
     with ThreadPoolExecutor(max_workers=workers or min(32, os.cpu_count() or 1)) as pool:
         digests = list(pool.map(_block_sha256, jobs))
     outer = hashlib.sha256()
-    for (path, offset, length), digest in zip(jobs, digests):
+    for (path, offset, length), digest in zip(jobs, digests, strict=True):
         outer.update(f"{path.relative_to(root)}\0{path.stat().st_size}\0{offset}\0{length}\0".encode() + digest)
     return f"{'sha256' if mode == 'full' else 'sha256-sampled'}:{outer.hexdigest()}"
 

@@ -45,7 +45,8 @@ def read_heldout(source: Path | list[str]) -> list[str]:
         elif path.suffix == ".jsonl":
             docs = _read_jsonl_texts(path)
         else:
-            raise ValueError(f"held-out text {path}: use .txt (documents split by blank lines) or .jsonl (field 'text')")
+            raise ValueError(f"held-out text {path}: "
+                             "use .txt (documents split by blank lines) or .jsonl (field 'text')")
     if not docs:
         raise ValueError(f"held-out text {where} has no documents")
     return docs

@@ -146,7 +146,7 @@ class SharedPrefixHFLM(HFLM):
         if self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, (_, ctx, cont) in enumerate(requests):
+        for i, (_, ctx, _cont) in enumerate(requests):
             groups[tuple(ctx)].append(i)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         packable, too_long = [], []
@@ -155,7 +155,8 @@ class SharedPrefixHFLM(HFLM):
             (packable if n <= self.max_length and len(ctx) > 0 else too_long).append((ctx, idxs, n))
         if too_long:  # lm_eval left-truncates these; let it
             flat = [i for _, idxs, _ in too_long for i in idxs]
-            for i, res in zip(flat, super()._loglikelihood_tokens([requests[i] for i in flat], disable_tqdm, override_bs)):
+            scored = super()._loglikelihood_tokens([requests[i] for i in flat], disable_tqdm, override_bs)
+            for i, res in zip(flat, scored, strict=True):
                 results[i] = res
         # The prefix every context shares (MC2's fixed 6-shot preamble) runs once; rows hold the rest.
         self._prefix_len = common_prefix_len([ctx for ctx, _, _ in packable]) if self.shared_kv_prefix else 0
@@ -206,7 +207,7 @@ class SharedPrefixHFLM(HFLM):
         ).last_hidden_state
         head = self.model.get_output_embeddings()
         token_lls, token_hits, sizes = [], [], []
-        for r, (ctx, idxs, _) in enumerate(batch):  # one lm_head pass per question, answer tokens only
+        for r, (_ctx, idxs, _) in enumerate(batch):  # one lm_head pass per question, answer tokens only
             spans = rows[r]
             where = torch.cat([torch.arange(start, start + size) for start, size in spans]).to(self.device)
             targets = torch.tensor([t for i in idxs for t in requests[i][2]], device=self.device)
@@ -217,10 +218,12 @@ class SharedPrefixHFLM(HFLM):
             sizes += [size for _, size in spans]
         # Per answer: sum the token log-probs in fp32, then round to the log-softmax dtype, as
         # lm_eval's ``tensor.sum()`` does (with a bf16 model and no softmax_dtype that is bf16).
-        seg = torch.repeat_interleave(torch.arange(len(sizes), device=self.device), torch.tensor(sizes, device=self.device))
+        seg = torch.repeat_interleave(torch.arange(len(sizes), device=self.device),
+                                      torch.tensor(sizes, device=self.device))
         sums = torch.zeros(len(sizes), device=self.device).index_add_(0, seg, torch.cat(token_lls))
-        misses = torch.zeros(len(sizes), dtype=torch.long, device=self.device).index_add_(0, seg, (~torch.cat(token_hits)).long())
+        misses = torch.zeros(len(sizes), dtype=torch.long, device=self.device).index_add_(
+            0, seg, (~torch.cat(token_hits)).long())
         flat = [i for _, idxs, _ in batch for i in idxs]
-        for i, ll, miss in zip(flat, sums.to(lp_dtype).float().tolist(), misses.tolist()):
+        for i, ll, miss in zip(flat, sums.to(lp_dtype).float().tolist(), misses.tolist(), strict=True):
             results[i] = (ll, miss == 0)
             self.cache_hook.add_partial("loglikelihood", requests[i][0], (ll, miss == 0))

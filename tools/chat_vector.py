@@ -38,11 +38,11 @@ from kobllla.chat_vector import (
     extract_chat_vector,
     merge_chat_vector,
 )
+from kobllla.cli import make_parser, run
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.chat_vector", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__, prog="python -m tools.chat_vector")
     p.add_argument("--base", type=Path, help="model the instruct model was tuned from")
     p.add_argument("--instruct", type=Path, help="the chat model whose chat ability is transferred")
     p.add_argument("--target", type=Path, help="model that receives the vector")
@@ -106,15 +106,7 @@ def _run(args: argparse.Namespace, mode: str) -> ChatVectorResult:
                              options=options)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        mode = _mode(args)
-        result = _run(args, mode)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _report(args: argparse.Namespace, mode: str, result: ChatVectorResult) -> None:
     gb = result.input_bytes_read / 1e9
     print(f"wrote {result.out} ({mode}: {result.tensors} tensors, {result.output_bytes / 1e9:.2f} GB) "
           f"in {result.seconds:.1f} s, read {gb:.2f} GB ({gb / max(result.seconds, 1e-9):.2f} GB/s)")
@@ -125,8 +117,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratio {args.ratio}, embeddings: {what}")
         for name, note in result.embeddings.items():
             print(f"  {name}: {note}")
-    return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    def work() -> None:
+        mode = _mode(args)
+        _report(args, mode, _run(args, mode))
+
+    return run(work)
 
 if __name__ == "__main__":
     sys.exit(main())

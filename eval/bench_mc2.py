@@ -12,12 +12,12 @@ real validation split: 817 questions, 2-13 answers (mean ~7.6), ~9-word question
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 from pathlib import Path
 
+from kobllla.cli import make_parser, run
 from kobllla.evaluation._tasks import TASKS, data_source, write_task_yamls
 
 _WORDS = (
@@ -66,15 +66,20 @@ def write_bench(out: Path, *, n_questions: int = 817, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--questions", type=int, default=817)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = make_parser(__doc__, prog="python -m eval.bench_mc2")
+    parser.add_argument("--out", type=Path, required=True, help="folder for data/ and tasks/")
+    parser.add_argument("--questions", type=int, default=817, help="questions to write (default 817, as the split)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random words (default 0)")
     args = parser.parse_args(argv)
-    counts = write_bench(args.out, n_questions=args.questions, seed=args.seed)
-    print(f"wrote {args.out}: {counts['questions']} questions, {counts['answers']} answers "
-          f"({counts['answers_per_question']:.2f} per question)")
-    return 0
+
+    def work() -> None:
+        if args.questions < 1:
+            raise ValueError(f"--questions must be at least 1, got {args.questions}")
+        counts = write_bench(args.out, n_questions=args.questions, seed=args.seed)
+        print(f"wrote {args.out}: {counts['questions']} questions, {counts['answers']} answers "
+              f"({counts['answers_per_question']:.2f} per question)")
+
+    return run(work)
 
 
 if __name__ == "__main__":

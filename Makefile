@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-unit demo clean llama-cpp
+.PHONY: venv lint test test-unit demo clean llama-cpp
 
 venv: $(STAMP)
 
@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml
 llama-cpp: $(STAMP)
 	$(PY) -m tools.export_gguf --fetch-llama-cpp
 
-test: $(STAMP) llama-cpp
+# ruff (config in pyproject.toml) runs before the tests: a lint error fails `make test` and CI.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) llama-cpp lint
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP)

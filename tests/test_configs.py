@@ -59,7 +59,7 @@ def test_there_are_8b_and_tiny_configs_for_every_stage():
 def test_config_components_resolve_and_accept_their_arguments(path: Path):
     cfg = OmegaConf.load(path)
     tt_config.validate(cfg)  # torchtune's own check of top-level components
-    for key, node in component_nodes(cfg):
+    for _key, node in component_nodes(cfg):
         component = _get_component_from_path(node._component_)
         kwargs = {k: v for k, v in node.items() if k != "_component_"}
         inspect.signature(component).bind_partial(**kwargs)  # raises on an unknown argument

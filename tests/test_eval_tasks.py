@@ -31,7 +31,10 @@ def test_resolve_tasks_merges_suites_and_tasks_without_duplicates():
 
 
 def test_resolve_tasks_refuses_nothing_asked():
-    with pytest.raises(ValueError, match=r"no tasks to run: name a suite \(english_retention, haerae, kmmlu, kobest, korean, translation\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"no tasks to run: name a suite \(english_retention, haerae, kmmlu, kobest, korean, translation\)",
+    ):
         resolve_tasks()
 
 
@@ -96,16 +99,21 @@ def _write(tmp_path: Path, lines: list[str]) -> Path:
 @pytest.mark.parametrize(
     ("schema", "row", "problem"),
     [
-        ("kobest_boolq", {"paragraph": "p", "question": "q", "label": 2}, r"field 'label' must be an integer in \[0, 1\], got 2"),
-        ("kobest_boolq", {"paragraph": "p", "question": "q", "label": True}, r"field 'label' must be an integer in \[0, 1\], got True"),
+        ("kobest_boolq", {"paragraph": "p", "question": "q", "label": 2},
+         r"field 'label' must be an integer in \[0, 1\], got 2"),
+        ("kobest_boolq", {"paragraph": "p", "question": "q", "label": True},
+         r"field 'label' must be an integer in \[0, 1\], got True"),
         ("kobest_copa", {"premise": "p", "question": "이유", "alternative_1": "a", "alternative_2": "b", "label": 0},
          r"field 'question' must be one of \['원인', '결과'\], got '이유'"),
         ("kobest_hellaswag", {"context": "c", "ending_1": "a", "ending_2": "b", "ending_3": "c", "label": 0},
          r"field 'ending_4' must be a non-empty string, got None"),
         ("kobest_sentineg", {"sentence": "", "label": 0}, r"field 'sentence' must be a non-empty string, got ''"),
-        ("kobest_wic", {"word": "w", "context_1": "a", "context_2": "b", "label": "1"}, r"field 'label' must be an integer in \[0, 1\], got '1'"),
-        ("haerae", {"query": "q", "answer": "B"}, r"field 'answer' must be one of \['\(A\)', '\(B\)', '\(C\)', '\(D\)', '\(E\)'\], got 'B'"),
-        ("kmmlu", {"question": "q", "A": "a", "B": "b", "C": "c", "D": "d", "answer": 0}, r"field 'answer' must be an integer in \[1, 2, 3, 4\], got 0"),
+        ("kobest_wic", {"word": "w", "context_1": "a", "context_2": "b", "label": "1"},
+         r"field 'label' must be an integer in \[0, 1\], got '1'"),
+        ("haerae", {"query": "q", "answer": "B"},
+         r"field 'answer' must be one of \['\(A\)', '\(B\)', '\(C\)', '\(D\)', '\(E\)'\], got 'B'"),
+        ("kmmlu", {"question": "q", "A": "a", "B": "b", "C": "c", "D": "d", "answer": 0},
+         r"field 'answer' must be an integer in \[1, 2, 3, 4\], got 0"),
         ("truthfulqa_mc", {"question": "q", "mc1_targets": {"choices": ["a", "b"], "labels": [1, 1]},
                            "mc2_targets": {"choices": ["a", "b"], "labels": [1, 0]}},
          r"field 'mc1_targets\.labels' must mark exactly one choice 1, got \[1, 1\]"),
@@ -123,7 +131,9 @@ def test_a_row_breaking_the_schema_names_file_row_and_field(tmp_path, schema, ro
 
 
 def test_a_line_that_is_not_json_or_not_an_object_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"test\.jsonl line 1: not valid JSON \(Expecting .*\); write one JSON object per line"):
+    with pytest.raises(
+        ValueError, match=r"test\.jsonl line 1: not valid JSON \(Expecting .*\); write one JSON object per line"
+    ):
         validate_jsonl(_write(tmp_path, ["{'paragraph': 'p'}"]), SCHEMAS["kobest_boolq"])
     with pytest.raises(ValueError, match=r"test\.jsonl line 1: expected a JSON object, got list"):
         validate_jsonl(_write(tmp_path, ["[1, 2]"]), SCHEMAS["kobest_boolq"])

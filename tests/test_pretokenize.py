@@ -104,7 +104,8 @@ def test_index_equals_pack_windows_and_document_windows_on_random_streams():
         first_window = window_index(ends, max_len)
         windows = [window_bounds(ends, first_window, max_len, i) for i in range(int(first_window[-1]))]
         starts = [0, *ends[:-1].tolist()]
-        assert windows == [w for s, e in zip(starts, ends.tolist()) for w in document_windows(s, e, max_len)]
+        expected = [w for s, e in zip(starts, ends.tolist(), strict=True) for w in document_windows(s, e, max_len)]
+        assert windows == expected
     assert runs_seen > 100  # the boundary-hit rule was exercised, not just the even stride
 
 
@@ -295,7 +296,9 @@ def assert_nothing_written(tmp_path: Path) -> None:
 def test_missing_column_names_file_row_and_columns(tmp_path):
     f = tmp_path / "wiki.csv"
     f.write_text("title,body\n제목,본문\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"wiki\.csv line 2: no field 'text' \(fields: body, title\); pass --column NAME"):
+    with pytest.raises(
+        ValueError, match=r"wiki\.csv line 2: no field 'text' \(fields: body, title\); pass --column NAME"
+    ):
         build(tmp_path, f)
     assert_nothing_written(tmp_path)
 

@@ -119,7 +119,11 @@ def stage1(work) -> Path:
 def test_stage1_resumes_after_a_kill_and_finishes_every_epoch(stage1, work):
     assert (stage1 / "epoch_0").is_dir() and (stage1 / "epoch_2").is_dir()
     resumed = (work["root"] / "stage1-resumed.log").read_text()
-    assert re.search(r"Loading the recipe state using: \s*checkpoint_paths: .*\s*recipe_checkpoint: .*recipe_state\.pt\s*adapter_checkpoint: .*epoch_0/adapter_model\.pt", resumed)
+    assert re.search(
+        r"Loading the recipe state using: \s*checkpoint_paths: .*\s*recipe_checkpoint: .*recipe_state\.pt"
+        r"\s*adapter_checkpoint: .*epoch_0/adapter_model\.pt",
+        resumed,
+    )
     losses = logged_losses(stage1)
     # the resumed run continues the step count where epoch 0 ended
     assert sorted(losses)[-1] == 3 * STEPS_PER_EPOCH

@@ -30,7 +30,10 @@ def test_tiny_checkpoint_has_the_hub_layout_and_loads_in_transformers(tiny_base,
     assert hf_tok("Hello world")["input_ids"] == [128000, 9906, 1917]  # BOS like the hub's tokenizer.json
     assert hf_tok.eos_token == "<|eot_id|>" and AutoTokenizer.from_pretrained(tiny_base).eos_token == "<|end_of_text|>"
     chat = hf_tok.apply_chat_template([{"role": "user", "content": "안녕"}], tokenize=False, add_generation_prompt=True)
-    assert chat == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n안녕<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert chat == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n안녕<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     assert sum(p.numel() for p in model.parameters()) == PRESETS["tiny"].num_params()
 
@@ -46,7 +49,11 @@ def test_same_seed_gives_identical_weights_and_sharding_splits_them(tmp_path):
     b = make_model(tmp_path / "b", seed=3, max_shard_bytes=50 * 2**20)
     index = json.loads((b / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert shards == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    assert shards == [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+    ]
     merged = {k: v for s in shards for k, v in load_file(str(b / s)).items()}
     single = load_file(str(a / "model.safetensors"))
     assert merged.keys() == single.keys() and all(torch.equal(merged[k], single[k]) for k in single)
@@ -57,7 +64,9 @@ def test_8b_preset_has_metas_parameter_count():
 
 
 def test_bad_arguments_and_existing_output_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown preset 'huge'; choose one of \['llama3-8b', 'llama3.2-1b-untied', 'mini', 'tiny'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown preset 'huge'; choose one of \['llama3-8b', 'llama3.2-1b-untied', 'mini', 'tiny'\]"
+    ):
         make_model(tmp_path / "x", preset="huge")
     with pytest.raises(ValueError, match=r"unknown flavor 'chat'"):
         make_model(tmp_path / "x", flavor="chat")

@@ -105,6 +105,9 @@ def test_every_training_setting_comes_from_the_shipped_yaml(demo):
         used = OmegaConf.to_container(OmegaConf.load(run_dir / stage / "config.yaml"))
         for key in ("model", "optimizer", "lr_scheduler", "epochs", "max_steps_per_epoch", "batch_size"):
             assert used[key] == shipped[key], (stage, key)
+    stage1 = OmegaConf.load(run_dir / "stage1" / "config.yaml")
+    replay = (run_dir / "data" / "stage1_train.csv").resolve()  # the Korean text + the English replay
+    assert Path(stage1.dataset.data_files) == replay
 
 
 def test_training_stages_lowered_their_loss(demo):

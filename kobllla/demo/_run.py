@@ -106,8 +106,9 @@ def train_all(chain: Chain, *, seed: int = 0) -> tuple[dict[str, StageRecord], D
         "full_finetune_single_device", ckpt("base"), {"dataset.data_files": str(data.en_qa_train), "seed": seed},
         nproc=None, chat_model=True)
     stages["stage1"] = _training_stage(
-        chain, "stage1", "Stage 1: LoRA continued pretraining of the base on Korean",
-        "lora_finetune_distributed", ckpt("base"), {"dataset.data_files": str(data.ko_train), "seed": seed}, nproc=2)
+        chain, "stage1", "Stage 1: LoRA continued pretraining of the base on Korean (+ English replay)",
+        "lora_finetune_distributed", ckpt("base"), {"dataset.data_files": str(data.stage1_train), "seed": seed},
+        nproc=2)
     stages["chat_vector"] = _chat_vector_stage(chain, ckpt("base"), ckpt("instruct"), ckpt("stage1"))
     stages["stage3"] = _training_stage(
         chain, "stage3", "Stage 3: LoRA instruction tuning on KoLIMA + BiLIMA (en_ko, ko_en)",

@@ -1,4 +1,4 @@
-"""Compare stored runs: Markdown table + PNG chart, and fail (exit 1) when a gated metric drops.
+r"""Compare stored runs: Markdown table + PNG chart, and fail (exit 1) when a gated metric drops.
 
     python -m eval.report runs/eval --pair stage1=base --pair chatvec=instruct --pair stage3=instruct \
         --out reports/eval
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kobllla.cli import make_parser, run
 from kobllla.evaluation import compare_runs, load_runs, write_report
+from kobllla.evaluation._report import check_report_out
 
 
 def _pair_arg(text: str) -> tuple[str, str]:
@@ -51,11 +52,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _work(args) -> int:
+    check_report_out(args.out, args.runs)  # before anything is read or written
     runs = load_runs(args.runs)
     pairs = args.pair or _pairs_against(runs, args.baseline)
     gates = dict(args.gate) if args.gate else None
     comparison = compare_runs(runs, pairs=pairs, gates=gates, metrics=args.metric)
-    paths = write_report(comparison, args.out, runs)
+    paths = write_report(comparison, args.out, runs, inputs=args.runs)
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"wrote {paths['markdown']}, {paths['chart']}, {paths['manifest']}")
     for gate in comparison.failures():

@@ -1,4 +1,4 @@
-"""Evaluate checkpoints on named lm_eval suites (and held-out perplexity); store one run record each.
+r"""Evaluate checkpoints on named lm_eval suites (and held-out perplexity); store one run record each.
 
     python -m eval.run --model base=meta-llama/Meta-Llama-3-8B --model stage1=runs/stage1/epoch_0 \
         --suite english_retention --suite korean --results-dir runs/eval
@@ -21,6 +21,7 @@ translation (kobllla_translation_ko_zh, kobllla_translation_zh_ko; needs --trans
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -47,13 +48,21 @@ def _batch_arg(text: str) -> int | str:
     if text == "auto":
         return text
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--batch-size takes an integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--batch-size must be >= 1 (or 'auto'), got {text!r}")
+    return value
 
 
 def _limit_arg(text: str) -> int | float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--limit takes a number of samples or a fraction < 1, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"--limit must be > 0 (samples per task, or a fraction < 1), got {text!r}")
     return int(value) if value >= 1 else value
 
 

@@ -65,25 +65,36 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove(path: Path) -> None:
+    """Removes a directory tree or a single file (or link), ignoring errors."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
 def remove_stale_temporaries(out_dir: Path) -> None:
-    """Removes ``.NAME.tmp-PID`` siblings left by killed runs (their PID no longer runs)."""
-    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.tmp-(\d+)$")
+    """Removes ``.NAME.tmp-PID`` and ``.NAME.old-PID`` siblings left by killed runs (their PID no longer runs)."""
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(tmp|old)-(\d+)$")
     if not out_dir.parent.is_dir():
         return
     for entry in out_dir.parent.iterdir():
         match = pattern.match(entry.name)
-        if match and entry.is_dir() and not pid_alive(int(match.group(1))):
+        if match and (entry.is_dir() or match.group(1) == "old") and not pid_alive(int(match.group(2))):
             log.info("removing %s, left by a killed run", entry)
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove(entry)
 
 
 def replace_dir(tmp: Path, out_dir: Path) -> None:
     """Renames the finished ``tmp`` to ``out_dir``, replacing an existing one only at the end."""
-    if out_dir.exists():
+    if out_dir.exists() or out_dir.is_symlink():
         trash = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         os.replace(out_dir, trash)
         os.replace(tmp, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove(trash)
     else:
         os.replace(tmp, out_dir)
 
@@ -97,8 +108,12 @@ def atomic_output_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[Pat
 
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        NotADirectoryError: ``out_dir`` is a file (a directory output never replaces a file).
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file, not a directory; this output is a directory: "
+                                 "pick another path (a file is never replaced by a directory)")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(
             f"{out_dir} already exists; pick another output or pass --overwrite to replace it"

@@ -47,6 +47,21 @@ def adapter_weights_file(model: Path) -> Path | None:
     return None
 
 
+def check_weight_headers(model: Path) -> None:
+    """Reads the header of every safetensors weight file of ``model`` (no tensor data): a 0-byte,
+    truncated or padded file is refused here, before transformers raises ``SafetensorError``.
+
+    Raises:
+        ValueError: one line naming the file and the fix (from ``read_safetensors_header``).
+    """
+    from kobllla.checkpoint_io import read_safetensors_header
+
+    model = Path(model)
+    files = sorted({*model.glob("model.safetensors"), *model.glob("model-*-of-*.safetensors")})
+    for path in files:
+        read_safetensors_header(path)
+
+
 def check_loadable_files(model: Path, *, role: str = "model") -> None:
     """Refuses a directory without ``config.json`` or the tokenizer files transformers loads.
 
@@ -81,13 +96,18 @@ def resolve_model_dir(model: Path, *, base: Path | None = None, scratch: Path | 
 
     Raises:
         FileNotFoundError: no such directory, no ``config.json``, no tokenizer files, no weights at all.
-        ValueError: adapter-only without ``base``, an adapter config or tensor that does not fit the base.
+        ValueError: adapter-only without ``base``, ``base`` with full weights, an adapter config or tensor that
+            does not fit the base, a truncated or malformed safetensors weight file.
     """
     model = Path(model)
     if not model.is_dir():
         check_loadable_files(model)  # raises: missing, or a file
     if has_full_weights(model):
+        if base is not None:
+            raise ValueError(f"--base {base} is given but model {model} holds full weights (no adapter to merge); "
+                             "drop --base (it is only for an adapter-only torchtune epoch_N/)")
         check_loadable_files(model)
+        check_weight_headers(model)
         return model
     adapter = adapter_weights_file(model)
     if adapter is None or not (model / ADAPTER_CONFIG).is_file():
@@ -104,6 +124,7 @@ def resolve_model_dir(model: Path, *, base: Path | None = None, scratch: Path | 
         open_checkpoint(base)
         raise ValueError(f"base {base} holds no full weights; pass the model the adapter was trained from")
     check_loadable_files(base, role="base")
+    check_weight_headers(base)
     scratch_dir = Path(scratch) if scratch is not None else Path(tempfile.mkdtemp(prefix="kobllla-merged-"))
     out = scratch_dir / f"merged-{model.parent.name}-{model.name}"
     merge_adapter(model, base=base, out=out, overwrite=True)

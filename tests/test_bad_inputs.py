@@ -259,3 +259,95 @@ def test_eval_run_offline_without_data_dir_names_the_dataset_and_the_data_dir_la
                 "--results-dir", tmp_path / "res", timeout=300),
             r"^error: --results-dir .*res is a file; pass a directory for runs/ and history.jsonl$")
     assert (tmp_path / "res").read_text(encoding="utf-8") == "mine"
+
+
+# ---------------------------------------------------------------- H-qa: eval.run / eval.report / atomic outputs
+
+
+def test_eval_run_refuses_broken_weights_adapter_only_dirs_results_in_the_model_and_bad_flags(tmp_path, mini_model):
+    import shutil
+
+    zero = shutil.copytree(mini_model, tmp_path / "zero")
+    (zero / "model.safetensors").write_bytes(b"")
+    adapter = tmp_path / "epoch_0"
+    adapter.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(mini_model / name, adapter / name)
+    (adapter / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}', encoding="utf-8")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    base = ["--task", "truthfulqa_mc2", "--device", "cpu"]
+    refused(cli("eval.run", "--model", f"z={zero}", *base, "--results-dir", tmp_path / "res", timeout=300),
+            r"^error: .*zero/model.safetensors: 0 bytes is too short for a safetensors file \(truncated\?\)")
+    refused(cli("eval.run", "--model", f"a={adapter}", *base, "--results-dir", tmp_path / "res", timeout=300),
+            r"^error: .*epoch_0 holds only a LoRA adapter \(adapter_model.safetensors\); lm_eval needs full weights: "
+            r"merge it into its base first with python -m tools.check_model .*epoch_0 --base BASE_DIR")
+    before = snapshot(mini_model)
+    refused(cli("eval.run", "--model", f"m={mini_model}", *base, "--results-dir", mini_model, timeout=300),
+            r"^error: --results-dir .*mini is or lies inside/around the model dir .*mini; the checkpoint dir is "
+            r"never written to")
+    refused(cli("eval.run", "--model", f"m={mini_model}", *base, "--results-dir", mini_model / "res", timeout=300),
+            r"^error: --results-dir .*mini/res is or lies inside/around the model dir")
+    assert snapshot(mini_model) == before
+    for flag, value, message in [("--limit", "0", r"--limit must be > 0"), ("--limit", "-1", r"--limit must be > 0"),
+                                 ("--batch-size", "0", r"--batch-size must be >= 1")]:
+        proc = cli("eval.run", "--model", f"m={mini_model}", *base, "--results-dir", tmp_path / "res", flag, value)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert re.search(rf"error: argument {flag}: {message}", proc.stderr), proc.stderr
+    assert not (tmp_path / "res").exists()
+
+
+def test_eval_report_refuses_an_out_that_is_holds_or_lies_inside_its_inputs(tmp_path):
+    res = tmp_path / "ev"
+    (res / "runs").mkdir(parents=True)
+    (res / "history.jsonl").write_text("", encoding="utf-8")
+    before = snapshot(res)
+    for out in (res, res / "runs", res / "report"):
+        refused(cli("eval.report", res, "--out", out),
+                rf"^error: --out {re.escape(str(out))} is, holds or lies inside the input {re.escape(str(res))}; "
+                r"run records are never written over")
+    record = res / "runs" / "A.json"
+    record.write_text("{}", encoding="utf-8")
+    refused(cli("eval.report", record, "--out", res / "runs"), r"^error: --out .*ev/runs is, holds or lies inside "
+                                                              r"the input .*ev/runs/A.json")
+    before[record] = b"{}"
+    assert snapshot(res) == before
+
+
+def test_directory_outputs_never_replace_a_file_and_stale_old_siblings_are_cleaned(tmp_path):
+    from kobllla.atomic import atomic_output_dir, remove_stale_temporaries, replace_dir
+
+    target = tmp_path / "out.jsonl"
+    target.write_text("mine\n", encoding="utf-8")
+    with pytest.raises(NotADirectoryError, match=r"out.jsonl is a file, not a directory"):
+        with atomic_output_dir(target, overwrite=True):
+            pass
+    assert target.read_text(encoding="utf-8") == "mine\n"
+    tmp = tmp_path / "new"
+    tmp.mkdir()
+    replace_dir(tmp, target)  # the library primitive itself still replaces; the trash is removed
+    assert target.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / f".x.old-{pid}").write_text("old", encoding="utf-8")
+    (tmp_path / f".x.old-{os.getpid()}").mkdir()  # a live run's: kept
+    (tmp_path / f".x.tmp-{pid}").mkdir()
+    remove_stale_temporaries(tmp_path / "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".x.old-{os.getpid()}", "out.jsonl"]
+    model = tmp_path / "m"
+    from kobllla.tiny_model import make_model
+
+    make_model(model, preset="mini", dtype="float32")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": 1, "prompt": "x"}\n', encoding="utf-8")
+    refused(cli("tools.check_model", model, "--fix-stop-tokens", "--out", prompts, "--overwrite"),
+            r"^error: --out .*p.jsonl is a file; the fixed copy is a model directory")
+    assert prompts.read_text(encoding="utf-8") == '{"id": 1, "prompt": "x"}\n'
+    assert not list(tmp_path.glob(".p.jsonl.*"))
+
+
+def test_help_examples_keep_their_line_continuations_and_escapes():
+    for module, want in [("eval.run", "--model stage1=runs/stage1/epoch_0 \\\n"),
+                         ("eval.report", "--pair stage3=instruct \\\n"),
+                         ("tools.chat", "printf '안녕?\\n이름이 뭐야?\\n' | python -m tools.chat")]:
+        proc = cli(module, "--help")
+        assert proc.returncode == 0 and want in proc.stdout, (module, proc.stdout[:800])

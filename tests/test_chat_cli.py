@@ -157,3 +157,16 @@ def test_ctrl_c_while_the_model_writes_drops_that_answer_and_the_chat_goes_on(mo
     assert answers == 1 and "(interrupted; this answer is not kept)" in notes
     assert [m["content"] for m in session.history if m["role"] == "user"] == ["second question"]
     loaded.close()
+
+
+def test_piped_bad_utf8_line_is_named_commands_ignore_case_and_a_refused_turn_exits_1(model, reference):
+    lines = b"\xff\xfehi\n/RESET\nhello\n" + ("x " * 2100).encode() + b"\n/Exit\nnever read\n"
+    done = subprocess.run(chat_cmd(model), input=lines, cwd=REPO, capture_output=True, timeout=180)
+    err = done.stderr.decode("utf-8")
+    assert done.returncode == 1, err
+    assert "error: stdin line 1 is not UTF-8 (byte 1); skipped it: send UTF-8 text" in err
+    assert "(conversation reset)" in err and "exceeds the model's 2048 positions" in err
+    assert "Traceback" not in err
+    assert done.stdout.decode("utf-8") == reference([{"role": "user", "content": "hello"}]) + "\n"
+    ok = subprocess.run(chat_cmd(model), input=b"hello\n", cwd=REPO, capture_output=True, timeout=180)
+    assert ok.returncode == 0, ok.stderr

@@ -351,3 +351,90 @@ def test_a_prompt_too_long_for_the_model_is_refused_before_out_is_touched(models
         generate_file(model=models["instruct"], prompts=prompts, out=tmp_path / "o.jsonl",
                       options=GenerationOptions(max_new_tokens=4), progress=False)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+# ---------------------------------------------------------------- H-qa defects (broken weights, flags, BOM, timing)
+
+
+def test_a_zero_byte_or_truncated_weights_file_is_refused_in_one_line_before_anything_loads(models, tmp_path):
+    from kobllla.evaluation import write_samples
+
+    zero, cut = (shutil.copytree(models["instruct"], tmp_path / n) for n in ("zero", "cut"))
+    (zero / "model.safetensors").write_bytes(b"")
+    whole = (models["instruct"] / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(whole[:5000])
+    with pytest.raises(ValueError, match=r"zero/model.safetensors: 0 bytes is too short for a safetensors file "
+                                         r"\(truncated\?\); re-download or re-save it$"):
+        resolve_model_dir(zero)
+    with pytest.raises(ValueError, match=r"cut/model.safetensors: truncated: tensor .* but the file has 5000 bytes"):
+        load_model(cut)
+    prompts = write_rows(tmp_path / "p.jsonl", ROWS[:1])
+    with pytest.raises(ValueError, match=r"^model b: .*cut/model.safetensors: truncated"):
+        write_samples({"a": models["instruct"], "b": cut}, [{**ROWS[1], "expect_lang": "ko"}],
+                      GenerationOptions(max_new_tokens=2), tmp_path / "samples", prompts=prompts)
+    assert not (tmp_path / "samples").exists()  # refused before model a generated
+    done = run_cli("--model", str(zero), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith("zero/model.safetensors: 0 bytes is too short for a "
+                                                         "safetensors file (truncated?); re-download or re-save it")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_base_given_with_full_weights_is_refused_not_ignored(models, tmp_path):
+    from kobllla.evaluation import write_samples
+
+    with pytest.raises(ValueError, match=r"--base .*mini-base is given but model .*mini-instruct holds full weights "
+                                         r"\(no adapter to merge\); drop --base"):
+        load_model(models["instruct"], base=models["base"])
+    with pytest.raises(ValueError, match=r"--base .*mini-base is given but every model holds full weights"):
+        write_samples({"a": models["instruct"]}, [{**ROWS[1], "expect_lang": "ko"}], GenerationOptions(),
+                      tmp_path / "samples", base=models["base"])
+    assert not (tmp_path / "samples").exists()
+
+
+def test_non_finite_temperature_and_malformed_or_missing_cuda_devices_are_refused(models):
+    for kwargs, message in [({"temperature": float("inf")}, r"--temperature inf: must be finite and >= 0"),
+                            ({"temperature": float("nan")}, r"--temperature nan: must be finite"),
+                            ({"device": "cuda:x"}, r"--device 'cuda:x': must be cpu, cuda or cuda:N"),
+                            ({"device": "cudax"}, r"--device 'cudax'")]:
+        with pytest.raises(ValueError, match=message):
+            GenerationOptions(**kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^--device cuda: this torch has no CUDA device; use --device cpu$"):
+            load_model(models["instruct"], device="cuda")
+
+
+def test_a_bom_prompts_file_is_read_as_kobllla_jsonl_reads_it(tmp_path):
+    from kobllla.jsonl import iter_jsonl
+
+    plain = write_rows(tmp_path / "plain.jsonl", ROWS)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert read_prompts(bom) == read_prompts(plain)
+    assert [r for _, r in iter_jsonl(bom)] == [r for _, r in iter_jsonl(plain)]
+
+
+def test_row_seconds_are_each_rows_share_of_its_batch_and_an_unwritable_out_names_the_path(models, tmp_path):
+    prompts = write_rows(tmp_path / "p.jsonl", ROWS)
+    out = tmp_path / "a.jsonl"
+    summary = generate_file(model=models["instruct"], prompts=prompts, out=out,
+                            options=GenerationOptions(max_new_tokens=3, batch_size=2), progress=False)
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert rows[0]["seconds"] == rows[1]["seconds"] > 0  # one batch of two: equal shares
+    assert sum(r["seconds"] for r in rows) <= summary.seconds + 1e-3
+    with pytest.raises(OSError, match=r"^--out /sys/x.jsonl: cannot write there \(.*\); pick a writable path$"):
+        generate_file(model=models["instruct"], prompts=prompts, out=Path("/sys/x.jsonl"),
+                      options=GenerationOptions(), progress=False)
+
+
+def test_a_dir_without_weights_points_at_original_only_when_it_holds_metas_pth(models, tmp_path):
+    bare = tmp_path / "bare"
+    (bare / "original").mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(models["instruct"] / name, bare / name)
+    (bare / "original" / "tokenizer.model").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"^no weights in .*bare: expected model.safetensors"):
+        resolve_model_dir(bare)
+    (bare / "original" / "consolidated.00.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"holds no weights at top level; pass .*original for Meta's .pth"):
+        resolve_model_dir(bare)

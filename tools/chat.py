@@ -1,4 +1,4 @@
-"""Talk to any stage's output in the terminal: streamed tokens, multi-turn history.
+r"""Talk to any stage's output in the terminal: streamed tokens, multi-turn history.
 
     python -m tools.chat --model runs/demo/stage3/epoch_0
     python -m tools.chat --model ./checkpoints/Llama-3-KoBLLa-ChatVec --device cuda --system "한국어로 답하세요."
@@ -6,7 +6,9 @@
     # scripted: with stdin not a terminal, every line is one user turn and each answer is printed
     printf '안녕?\n이름이 뭐야?\n' | python -m tools.chat --model M --max-new-tokens 64
 
-Commands: /reset forgets the conversation (the --system message stays), /exit leaves (or Ctrl-D).
+Commands (any case): /reset forgets the conversation (the --system message stays), /exit leaves (or Ctrl-D).
+A line that is not UTF-8, or a turn too long for the model's context, is reported ("error: ...") and
+skipped; with piped stdin the exit status is then 1 once the input ends (0 when every turn was answered).
 Ctrl-C while the model writes stops that answer. Generation stops at <|eot_id|> and <|end_of_text|>;
 when the history outgrows the model's context the oldest exchanges are dropped (and it says so).
 """
@@ -46,19 +48,30 @@ def _work(args: argparse.Namespace) -> int:
             pass
         note(f"chat with {args.model} (template: {loaded.chat_template_source}); /reset, /exit, Ctrl-D to leave")
 
+    line_no = 0
+
     def read(prompt: str) -> str:
+        nonlocal line_no
+        line_no += 1
         if interactive:
-            return input(prompt)
-        line = sys.stdin.readline()
-        if not line:
+            try:
+                return input(prompt)
+            except UnicodeDecodeError:
+                raise ValueError("that line is not UTF-8 text; set the terminal to UTF-8 and type it again") from None
+        raw = sys.stdin.buffer.readline()
+        if not raw:
             raise EOFError
-        return line
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"stdin line {line_no} is not UTF-8 (byte {exc.start + 1}); skipped it: "
+                             "send UTF-8 text") from None
 
     try:
         chat_loop(session, read=read, write=write, note=note, interactive=interactive)
     finally:
         loaded.close()
-    return 0
+    return 1 if session.failed and not interactive else 0
 
 
 def main(argv: list[str] | None = None) -> int:

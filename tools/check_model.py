@@ -35,6 +35,9 @@ def _work(args: argparse.Namespace) -> int:
                          "(the input is never modified)")
     if args.out is not None and not fixing:
         raise ValueError("--out is only used with --fix-stop-tokens or --fix-untrained mean")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise NotADirectoryError(f"--out {args.out} is a file; the fixed copy is a model directory: "
+                                 "pick another path (a file is never replaced)")
     with tempfile.TemporaryDirectory(prefix="kobllla-check-") as scratch:
         model_dir = resolve_model_dir(args.model, base=args.base, scratch=Path(scratch))
         names = [*CHAT_TOKENS, *[t for t in args.token if t not in CHAT_TOKENS]]

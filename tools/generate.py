@@ -12,7 +12,8 @@
 
 A prompt row is {"id": ..., "messages": [{"role": "user", "content": ...}]} (optional system message
 first; the model's chat template is applied) or {"id": ..., "prompt": "raw text"}. An output row is
-{"id", "text", "token_ids", "stop_reason": "eos"|"max_new_tokens", "new_tokens", "seconds"}.
+{"id", "text", "token_ids", "stop_reason": "eos"|"max_new_tokens", "new_tokens", "seconds"}; the rows
+of a batch decode together, so "seconds" is the row's share of its batch's wall time (batch time / rows).
 Generation stops at <|eot_id|> and <|end_of_text|> whatever the checkpoint's eos says. A rerun
 skips the ids already in --out and appends the rest, one whole line per row.
 """

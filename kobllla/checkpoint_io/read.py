@@ -248,7 +248,7 @@ def _no_weights_message(path: Path, safetensors: list[Path]) -> str:
     if epochs:
         return (f"{path} is a torchtune output dir; pass one of its epochs, e.g. "
                 f"{path / epochs[-1]} (found: {', '.join(epochs)})")
-    if (path / "original").is_dir():
+    if any((path / "original").glob("consolidated.*.pth")):
         return f"{path} holds no weights at top level; pass {path / 'original'} for Meta's .pth"
     return (f"no weights in {path}: expected {SINGLE_NAME}, {INDEX_NAME} + shards, "
             f"{BIN_SINGLE_NAME}, consolidated.00.pth or torchtune's model-00001-of-0000N.bin")

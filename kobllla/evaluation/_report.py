@@ -282,9 +282,33 @@ def render_chart(comparison: Comparison, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_report(comparison: Comparison, out_dir: Path, runs: dict[str, dict] | None = None) -> dict[str, Path]:
-    """Writes ``report.md``, ``report.png`` and, last, ``comparison.json`` (the manifest) into ``out_dir``."""
+def check_report_out(out_dir: Path, inputs: list[Path]) -> None:
+    """Refuses an ``--out`` that is, holds or lies inside an input (a run record or a results dir).
+
+    Raises:
+        ValueError: one line naming both paths.
+    """
+    from kobllla.atomic import refuse_output_over_inputs
+
+    try:
+        refuse_output_over_inputs(Path(out_dir), [Path(p) for p in inputs])
+    except ValueError:
+        clash = next(str(p) for p in inputs if _overlaps(Path(out_dir), Path(p)))
+        raise ValueError(f"--out {out_dir} is, holds or lies inside the input {clash}; run records are never "
+                         "written over: pick an --out outside every results dir (e.g. reports/eval)") from None
+
+
+def _overlaps(out: Path, inp: Path) -> bool:
+    o, i = out.resolve(), inp.resolve()
+    return o == i or i in o.parents or o in i.parents
+
+
+def write_report(comparison: Comparison, out_dir: Path, runs: dict[str, dict] | None = None, *,
+                 inputs: list[Path] | None = None) -> dict[str, Path]:
+    """Writes ``report.md``, ``report.png`` and, last, ``comparison.json`` (the manifest) into ``out_dir``
+    (refused when it overlaps one of ``inputs``, see :func:`check_report_out`)."""
     out_dir = Path(out_dir)
+    check_report_out(out_dir, list(inputs or []))
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {out_dir} is a file; pass a directory for report.md, report.png and "
                                  "comparison.json")

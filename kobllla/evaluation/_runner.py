@@ -8,6 +8,7 @@ model is loaded once and also scores the held-out perplexity texts.
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +49,7 @@ CPU_AUTO_BATCH = 4
 def _resolve_device(device: Device) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cuda", "cpu") and not device.startswith("cuda:"):
+    if re.fullmatch(r"cpu|cuda(:\d+)?", device) is None:
         raise ValueError(f"unknown device {device!r}; choose auto, cuda, cuda:N or cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for but torch sees no GPU; pass --device cpu")
@@ -190,8 +191,14 @@ def evaluate_model(
         raise NotADirectoryError(f"--results-dir {results_dir} is a file; pass a directory for runs/ and history.jsonl")
     if scorer not in ("hf", "shared_prefix"):
         raise ValueError(f"unknown scorer {scorer!r}; choose hf or shared_prefix")
+    if isinstance(limit, bool) or (limit is not None and not limit > 0):
+        raise ValueError(f"--limit must be > 0 (samples per task, or a fraction < 1), got {limit!r}")
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"--batch-size must be an integer >= 1 or 'auto', got {batch_size!r}")
     names = resolve_tasks(suites=suites, tasks=tasks) if (suites or tasks or not heldout) else []
     ref = resolve_model(model, fingerprint=False)
+    if ref.local:
+        _check_local_weights(Path(ref.spec), results_dir)
     sources = _data_sources(names, data_dir, num_fewshot, translation_data, max_gen_toks)
     docs, heldout_sources = _heldout_sources(heldout or {})
     device = _resolve_device(device)
@@ -217,6 +224,26 @@ def evaluate_model(
     if results_dir is not None:
         record["path"] = str(save_run(record, Path(results_dir)))
     return record
+
+
+def _check_local_weights(model: Path, results_dir: Path | None) -> None:
+    """An adapter-only ``epoch_N/`` (lm_eval loads full weights only), broken safetensors headers, and a
+    results dir inside the checkpoint dir are refused before lm_eval loads anything."""
+    from kobllla.atomic import refuse_output_over_inputs
+    from kobllla.model_dir import adapter_weights_file, check_weight_headers, has_full_weights
+
+    if results_dir is not None:
+        try:
+            refuse_output_over_inputs(Path(results_dir), [model])
+        except ValueError:
+            raise ValueError(f"--results-dir {results_dir} is or lies inside/around the model dir {model}; "
+                             "the checkpoint dir is never written to: pick a results dir outside it") from None
+    if not has_full_weights(model) and adapter_weights_file(model) is not None:
+        raise ValueError(f"{model} holds only a LoRA adapter ({adapter_weights_file(model).name}); lm_eval needs "
+                         "full weights: merge it into its base first with python -m tools.check_model "
+                         f"{model} --base BASE_DIR --fix-stop-tokens --out MERGED_DIR (or "
+                         "kobllla.model_dir.merge_adapter) and evaluate MERGED_DIR")
+    check_weight_headers(model)
 
 
 def _data_sources(names: list[str], data_dir: Path | None, num_fewshot: int | None,

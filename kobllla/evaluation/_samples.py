@@ -177,15 +177,28 @@ def check_model_dir(name: str, model: Path, *, base: Path | None = None) -> None
         FileNotFoundError / ValueError: ``model NAME: ...`` and the fix (missing config or tokenizer files,
             no weights, an adapter-only ``epoch_N/`` without ``base``).
     """
-    from kobllla.model_dir import adapter_weights_file, check_loadable_files, has_full_weights, resolve_model_dir
+    from kobllla.model_dir import (
+        adapter_weights_file,
+        check_loadable_files,
+        check_weight_headers,
+        has_full_weights,
+        resolve_model_dir,
+    )
 
     try:
         if not has_full_weights(model) and model.is_dir() and adapter_weights_file(model) and base is not None:
             check_loadable_files(base, role="base")  # the adapter is merged into it when the model loads
+            check_weight_headers(base)
         else:
-            resolve_model_dir(model)  # no merge without a base: checks files only
+            resolve_model_dir(model)  # no merge without a base: checks files and weight headers only
     except (FileNotFoundError, ValueError) as exc:
         raise type(exc)(f"model {name}: {exc}") from None
+
+
+def _adapter_only(model: Path) -> bool:
+    from kobllla.model_dir import adapter_weights_file, has_full_weights
+
+    return model.is_dir() and not has_full_weights(model) and adapter_weights_file(model) is not None
 
 
 def generate_answers(name: str, model_dir: Path, rows: list[dict], options, *, base: Path | None = None,
@@ -223,7 +236,8 @@ def write_samples(models: dict[str, Path], rows: list[dict], options, out_dir: P
         rows: prompt rows from :func:`read_sample_prompts` (or any validated rows with ``expect_lang``).
         options: a :class:`kobllla.generation.GenerationOptions`.
         out_dir: the output directory, written atomically.
-        base: the base model of adapter-only ``epoch_N/`` dirs (ignored for full weights).
+        base: the one base model of every adapter-only ``epoch_N/`` dir (full-weight models do not use it;
+            refused when no model is adapter-only).
         overwrite: replace an existing ``out_dir``.
         prompts: where the rows came from (recorded, and guarded against being overwritten).
 
@@ -242,13 +256,20 @@ def write_samples(models: dict[str, Path], rows: list[dict], options, out_dir: P
         raise ValueError("write_samples needs at least one model and one prompt row")
     out_dir = Path(out_dir)
     refuse_output_over_inputs(out_dir, [*models.values(), base, prompts])
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file; the samples output is a directory: pick another path")
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pick another --out or pass --overwrite to replace it")
     for name, model_dir in models.items():
         check_model_dir(name, Path(model_dir), base=base)  # every model before the first one generates
+    adapter_only = {name for name, d in models.items() if _adapter_only(Path(d))}
+    if base is not None and not adapter_only:
+        raise ValueError(f"--base {base} is given but every model holds full weights (no adapter-only epoch_N/ "
+                         "to merge it into); drop --base")
     records = []
     for name, model_dir in models.items():
-        records.extend(generate_answers(name, Path(model_dir), rows, options, base=base, progress=progress))
+        records.extend(generate_answers(name, Path(model_dir), rows, options,
+                                        base=base if name in adapter_only else None, progress=progress))
     summary = {
         "models": summarize(records, list(models)),
         "model_dirs": {name: str(path) for name, path in models.items()},

@@ -49,6 +49,7 @@ class ChatSession:
         self.loaded, self.options, self.system = loaded, options, system
         self.history: list[dict] = []
         self.turns = 0
+        self.failed = 0  # turns refused (too long, not UTF-8): tools.chat exits 1 in pipe mode when > 0
 
     def reset(self) -> None:
         self.history = []
@@ -91,9 +92,11 @@ def chat_loop(session: ChatSession, *, read: Callable[[str], str], write: Callab
               note: Callable[[str], None], interactive: bool) -> int:
     """Reads user turns until ``/exit`` or end of input; returns the number of answers given.
 
-    ``read(prompt)`` returns one line (raises ``EOFError`` at the end); answers stream through ``write``;
-    ``note`` gets status lines (dropped turns, interruptions, command help). Ctrl-C while the model
-    writes stops that answer (it is not kept); Ctrl-C at the prompt leaves.
+    ``read(prompt)`` returns one line (raises ``EOFError`` at the end, ``ValueError`` for a line it cannot
+    read, e.g. not UTF-8: that line is reported, counted in ``session.failed`` and skipped); answers stream
+    through ``write``; ``note`` gets status lines (dropped turns, interruptions, command help). Commands are
+    case-insensitive (``/RESET`` = ``/reset``). Ctrl-C while the model writes stops that answer (it is not
+    kept); Ctrl-C at the prompt leaves.
     """
     answers = 0
     while True:
@@ -103,16 +106,21 @@ def chat_loop(session: ChatSession, *, read: Callable[[str], str], write: Callab
             if interactive:
                 write("\n")
             return answers
+        except ValueError as exc:
+            note(f"error: {exc}")
+            session.failed += 1
+            continue
         text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
+        command = text.lower()
+        if command in ("/exit", "/quit"):
             return answers
-        if text == "/reset":
+        if command == "/reset":
             session.reset()
             note("(conversation reset)")
             continue
-        if re.fullmatch(r"/[a-z]+", text):  # /help or an unknown command
+        if re.fullmatch(r"/[a-z]+", command):  # /help or an unknown command
             note("commands: " + "; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
             continue
         try:
@@ -123,6 +131,7 @@ def chat_loop(session: ChatSession, *, read: Callable[[str], str], write: Callab
             continue
         except ValueError as exc:
             note(f"error: {exc}")
+            session.failed += 1
             continue
         write("\n")
         answers += 1

@@ -14,7 +14,9 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -49,11 +51,11 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
-            ("temperature", self.temperature >= 0 and self.temperature == self.temperature, ">= 0 (0 = greedy)"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "finite and >= 0 (0 = greedy)"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
             ("dtype", self.dtype in ("auto", *DTYPES), f"one of auto, {', '.join(DTYPES)}"),
-            ("device", self.device == "cpu" or self.device.startswith("cuda"), "cpu or cuda[:N]"),
+            ("device", re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None, "cpu, cuda or cuda:N"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -95,9 +97,14 @@ def _torch_dtype(model_dir: Path, dtype: str, device: torch.device) -> torch.dty
 
 
 def _device(name: str) -> torch.device:
+    if re.fullmatch(r"cpu|cuda(:\d+)?", name) is None:
+        raise ValueError(f"--device {name!r}: must be cpu, cuda or cuda:N")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this torch has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
@@ -265,14 +272,17 @@ def generate_rows(loaded: LoadedModel, rows: list[dict], options: GenerationOpti
 
     Yields per row ``{"id", "text", "token_ids", "stop_reason", "new_tokens", "seconds"}``: ``token_ids``
     are the generated ids (the stop token last when ``stop_reason`` is ``eos``), ``text`` their decoding
-    without the stop token and special tokens, ``seconds`` the time from the batch's start until the row
-    stopped.
+    without the stop token and special tokens. The rows of a batch are decoded together, so no row has a
+    time of its own: ``seconds`` is the row's share of its batch's wall time (batch time / rows in the
+    batch; the ``seconds`` of all rows add up to the generation time).
     """
     encoded = encode_rows(loaded, rows, options) if encoded is None else encoded
     for b in range(0, len(rows), options.batch_size):
         batch = rows[b:b + options.batch_size]
         seeds = [row_seed(options.seed, row["id"]) for row in batch]
+        t0 = time.perf_counter()
         results = decode(loaded, encoded[b:b + options.batch_size], options, seeds=seeds)
+        batch_seconds = time.perf_counter() - t0
         for row, res in zip(batch, results, strict=True):
             body = res.token_ids[:-1] if res.stop_reason == "eos" else res.token_ids
             yield {
@@ -281,7 +291,7 @@ def generate_rows(loaded: LoadedModel, rows: list[dict], options: GenerationOpti
                 "token_ids": res.token_ids,
                 "stop_reason": res.stop_reason,
                 "new_tokens": len(res.token_ids),
-                "seconds": round(res.seconds, 4),
+                "seconds": round(batch_seconds / len(batch), 4),
             }
 
 
@@ -387,8 +397,11 @@ def check_resume_settings(out: Path, *, model: Path, base: Path | None, options:
             **{k: getattr(options, k) for k in _RESUME_KEYS}}
     side = settings_path(out)
     if not (out.is_file() and out.stat().st_size > 0):  # nothing written yet: these settings start the file
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(side, want)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_json(side, want)
+        except OSError as exc:
+            raise OSError(f"--out {out}: cannot write there ({exc.strerror or exc}); pick a writable path") from None
         return
     have = read_json(side)
     if have is None:
@@ -408,7 +421,10 @@ def _write_rows(loaded: LoadedModel, todo: list[dict], out: Path, options: Gener
     out.parent.mkdir(parents=True, exist_ok=True)
     tokens = stopped = 0
     start = time.perf_counter()
-    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OSError(f"--out {out}: cannot write there ({exc.strerror or exc}); pick a writable path") from None
     try:
         with tqdm(total=len(todo), desc="generate", unit="row", disable=not progress or not todo) as bar:
             for res in generate_rows(loaded, todo, options, encoded=encoded):

@@ -90,7 +90,7 @@ def read_prompts(path: Path) -> list[dict]:
     rows, seen = [], {}
     for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM is accepted, as kobllla.jsonl does
         except UnicodeDecodeError as exc:
             raise _fail(path, line_no, f"not UTF-8 text (byte {exc.start + 1}); save the file as UTF-8") from None
         if not line.strip():

@@ -20,9 +20,14 @@ listener-facing level of the **last sentence-final ending** (Kiwi's ``EF`` tag),
   it is not how an assistant addresses its user, and KoLIMA's assistant speaks 해요체/하십시오체, so
   counting it as banmal is what the metric needs. A clause left open by a connective ending
   (``먹었는데``, ``했다고``) is banmal too; with ``요`` after it, jondaetmal.
-* ``None``: no Korean final ending at all: English only, a noun phrase (``요약:``), an interjection
-  (``네``, ``응``, and ``그래``, which Kiwi reads as one), an unfinished quotation. An interjection that
-  carries the polite ``요`` (``그럼요``, ``아니요``) is jondaetmal.
+* One-word answers (no ending; Kiwi tags an interjection ``IC``, an adverb ``MAG``): the yes/no
+  interjections carry a level, ``네 예 넵`` jondaetmal and ``응 어 아니 그래 그럼 안녕 웅 엉`` banmal (their
+  polite forms are ``아니요 그럼요 안녕하세요``); an interjection that carries the polite ``요`` (``그럼요``,
+  ``아니요``) is jondaetmal. A sentence that is one adverb alone (``정말?``, ``진짜?``, ``왜?``) is banmal:
+  to a listener owed jondaetmal it would be ``정말요?``. Fillers and exclamations (``음...``, ``아``,
+  ``와``) carry no level.
+* ``None``: no Korean final ending at all: English only, a noun phrase (``요약:``, ``서울, 부산``), a
+  filler interjection, an unfinished quotation.
 
 Honorific ``-시-`` does not change the level: ``선생님 가셨어?`` honours the teacher but speaks banmal
 to the listener. Quotes (``"..."``, ``'...'``, ``「...」``) are skipped unless the whole sentence is one.
@@ -48,6 +53,9 @@ _ENDING_TAGS = ("EF", "EC")
 _POLITE_SUFFIXES = ("요", "죠", "ᆸ니다", "습니다", "ᆸ니까", "습니까", "ᆸ시오", "십시오", "시오", "ᆸ시다", "소서")
 
 _HAO_FORMS = frozenset({"오", "으오", "소"})  # 하오체 (예사높임): 들어가시오, 좋소
+# One-word yes/no answers and greetings (Kiwi's IC) that carry a level; other interjections carry none.
+_POLITE_INTERJECTIONS = frozenset({"네", "예", "넵", "네네", "예예"})
+_BANMAL_INTERJECTIONS = frozenset({"응", "어", "아니", "그래", "그럼", "안녕", "웅", "엉", "응응"})
 
 _kiwi = None
 _kiwi_lock = threading.Lock()
@@ -122,6 +130,13 @@ def speech_level(sentence: str) -> SpeechLevel | None:
         return "jondaetmal"  # 먹었는데요, 저요; interjections with the polite 요: 그럼요, 아니요
     if last.tag in _ENDING_TAGS:
         return _level_of_ending(last.form)
+    if last.tag == "IC":
+        if last.form in _POLITE_INTERJECTIONS:
+            return "jondaetmal"
+        return "banmal" if last.form in _BANMAL_INTERJECTIONS else None
+    words = [t for t in tokens if not t.tag.startswith(_TRAILING_PREFIXES)]
+    if len(words) == 1 and last.tag == "MAG":  # 정말? 진짜? 왜?
+        return "banmal"
     return None
 
 
@@ -200,6 +215,35 @@ def hangul_share(text: str) -> float | None:
     """Hangul letters / (Hangul + Latin letters); None when the text has neither (digits, emoji)."""
     hangul, latin = letter_counts(text)
     return hangul / (hangul + latin) if hangul + latin else None
+
+
+def word_counts(text: str) -> tuple[int, int]:
+    """(Korean words, Latin words) in ``text``: a whitespace-separated word with any Hangul in it is a
+    Korean word (an eojeol: ``request를`` is a Korean word built on an English noun); a word with Latin
+    letters and no Hangul is a Latin word. Digits, symbols and other scripts count as neither."""
+    korean = latin = 0
+    for word in text.split():
+        if any(_is_hangul(ch) for ch in word):
+            korean += 1
+        elif any(_is_latin(ch) for ch in word):
+            latin += 1
+    return korean, latin
+
+
+def answer_lang(text: str) -> Literal["ko", "en"] | None:
+    """The language a reader sees in an answer: ``"ko"`` when its Korean words (eojeols) are at least as
+    many as its Latin words, ``"en"`` when fewer, None with neither.
+
+    The rule counts words, not letters, because a Korean sentence keeps its Korean grammar around the
+    English terms it names: ``"네, HTTP request를 보내려면 requests library를 쓰세요."`` has 5 Korean words
+    (``request를`` and ``library를`` among them) and 2 Latin ones, so it is Korean, where the letter share
+    of :func:`detect_lang` (10 Hangul vs 26 Latin letters) calls it English. An English answer that names
+    one Korean word (``"The word 사랑 means love."``: 1 vs 4) stays English.
+    """
+    korean, latin = word_counts(text)
+    if korean + latin == 0:
+        return None
+    return "ko" if korean >= latin else "en"
 
 
 def detect_lang(text: str, *, threshold: float = 0.5) -> Literal["ko", "en"] | None:

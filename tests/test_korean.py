@@ -7,6 +7,7 @@ import csv
 import pytest
 
 from kobllla.korean import (
+    answer_lang,
     detect_lang,
     hangul_share,
     kiwi,
@@ -14,6 +15,7 @@ from kobllla.korean import (
     speech_level,
     strip_code,
     text_speech_level,
+    word_counts,
 )
 
 
@@ -86,3 +88,30 @@ def test_strip_code_drops_fenced_blocks_and_inline_spans_only():
     assert strip_code("앞\n```py\nx = 1\n```\n뒤 `y` 끝") == "앞\n \n뒤   끝"
     assert strip_code("앞\n~~~\nunclosed to the end") == "앞\n "
     assert strip_code("no fence here: a ``` b") == "no fence here: a ``` b"
+
+
+def test_one_word_yes_no_answers_carry_a_level_and_fillers_none():
+    assert [speech_level(w) for w in ("네.", "예.", "아니요.")] == ["jondaetmal"] * 3
+    assert [speech_level(w) for w in ("응.", "어.", "아니.", "그래.", "안녕", "정말?")] == ["banmal"] * 6
+    assert speech_level("음...") is None and speech_level("요약:") is None and speech_level("서울, 부산, 대구") is None
+    assert speech_level("네, 알겠습니다.") == "jondaetmal" and speech_level("응, 알았어.") == "banmal"
+
+
+def test_answer_lang_counts_korean_words_against_latin_words_as_a_korean_reader_would():
+    mixed = "네, HTTP request를 보내려면 requests library를 쓰세요."
+    assert word_counts(mixed) == (5, 2)
+    assert answer_lang(mixed) == "ko"
+    assert detect_lang(mixed) == "en"  # the letter share alone gets it wrong: 10 Hangul vs 26 Latin letters
+    assert answer_lang("The Korean word 사랑 means love.") == "en"
+    assert answer_lang("서울은 한국의 수도입니다.") == "ko" and answer_lang("Seoul is the capital.") == "en"
+    assert answer_lang("123 😊") is None
+
+
+def test_answer_metrics_give_a_mixed_korean_answer_lang_ko_and_its_speech_level():
+    from kobllla.evaluation._samples import answer_metrics
+
+    m = answer_metrics("네, HTTP request를 보내려면 requests library를 쓰세요.", "ko")
+    assert (m["lang"], m["lang_match"], m["speech_level"]) == ("ko", True, "jondaetmal")
+    e = answer_metrics("The Korean word 사랑 means love, you know.", "en")
+    assert (e["lang"], e["lang_match"], e["speech_level"]) == ("en", True, None)
+    assert answer_metrics("Use requests. 그렇게 하면 돼.", "en")["speech_level"] == "banmal"

@@ -15,9 +15,10 @@ A prompt row is a ``kobllla.generation`` prompt row (``id`` + ``messages`` or ``
 ``en``); a row with neither is refused, so no answer is ever scored against a guessed language.
 
 Per answer (its Markdown code left out): the Hangul share of its letters
-(:func:`kobllla.korean.hangul_share`), the detected language (``ko`` at a share >= 0.5) and whether
-it matches ``expect_lang``, the speech level of a Korean answer
-(:func:`kobllla.korean.text_speech_level`, the majority of its sentences), the new
+(:func:`kobllla.korean.hangul_share`), the detected language (:func:`kobllla.korean.answer_lang`:
+``ko`` when its Korean words, eojeols such as ``request를`` included, are at least as many as its Latin
+words) and whether it matches ``expect_lang``, the speech level of any answer with Hangul
+(:func:`kobllla.korean.text_speech_level`, the majority of its sentences with a Korean final ending), the new
 tokens and the stop reason. Per model: the rate of answers in the expected language, the rate of
 Korean answers (detected ``ko``) whose level is jondaetmal (a Korean answer with no final ending
 counts as not jondaetmal), and the rate that stopped at a stop token (``eos``).
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from kobllla.atomic import atomic_output_dir, refuse_output_over_inputs, write_json
 from kobllla.evaluation._store import check_label
-from kobllla.korean import detect_lang, hangul_share, strip_code, text_speech_level
+from kobllla.korean import answer_lang, hangul_share, strip_code, text_speech_level
 
 KIND_LANG = {"ko": "ko", "en": "en", "en_ko": "ko", "ko_en": "en"}  # kind -> language of the answer
 LANGS = ("ko", "en")
@@ -107,8 +108,8 @@ def answer_metrics(text: str, expect_lang: str) -> dict:
     if hangul_share(prose) is not None:
         text = prose
     share = hangul_share(text)
-    lang = detect_lang(text)
-    level = text_speech_level(text) if lang == "ko" else None
+    lang = answer_lang(text)
+    level = text_speech_level(text) if share else None  # any Hangul: the level of its Korean final endings
     return {
         "hangul_share": None if share is None else round(share, 4),
         "lang": lang,

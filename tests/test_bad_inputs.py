@@ -351,3 +351,31 @@ def test_help_examples_keep_their_line_continuations_and_escapes():
                          ("tools.chat", "printf '안녕?\\n이름이 뭐야?\\n' | python -m tools.chat")]:
         proc = cli(module, "--help")
         assert proc.returncode == 0 and want in proc.stdout, (module, proc.stdout[:800])
+
+
+def test_count_and_time_flags_are_refused_by_their_own_flag_name(tmp_path):
+    pages = [WikiPage(i, f"문서 {i}", f"한국어 문장 {i}번입니다. " * 20) for i in range(1, 6)]
+    dump = write_dump(tmp_path / "kowiki.xml", pages, compress="none")
+    cases = [("tools.pretokenize", ["--source", "x", "--tokenizer", "t", "--out", tmp_path / "o"], "--workers", "0",
+              "must be >= 1, got '0'"),
+             ("tools.pretokenize", ["--source", "x", "--tokenizer", "t", "--out", tmp_path / "o"], "--chunk-rows", "0",
+              "must be >= 1, got '0'"),
+             ("tools.translate_dataset", ["--input", "a", "--output", tmp_path / "o", "--base-url", "http://x",
+                                          "--model", "m"], "--concurrency", "0", "must be >= 1, got '0'"),
+             ("tools.translate_dataset", ["--input", "a", "--output", tmp_path / "o", "--base-url", "http://x",
+                                          "--model", "m"], "--timeout", "-1", "must be > 0, got '-1'"),
+             ("tools.build_kowikitext", ["--dump", dump, "--out", tmp_path / "o"], "--min-chars", "-5",
+              "must be >= 0, got '-5'"),
+             ("tools.build_kowikitext", ["--dump", dump, "--out", tmp_path / "o"], "--dev-fraction", "1.5",
+              "must be >= 0 and < 1, got '1.5'")]
+    for module, args, flag, value, message in cases:
+        proc = cli(module, *args, flag, value)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].endswith(f"error: argument {flag}: {message}"), proc.stderr
+    assert not (tmp_path / "o").exists()
+    done = cli("tools.build_kowikitext", "--dump", dump, "--out", tmp_path / "kw", "--workers", "1", "--min-chars",
+               "10", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "warning: the dev split has 0 pages (5 kept x --dev-fraction 0.005); raise --dev-fraction" in done.stderr
+    help_text = cli("tools.build_kowikitext", "--help").stdout
+    assert "expected share of pages in dev, by a hash of the page" in help_text and "(default 0.005)" in help_text

@@ -17,11 +17,36 @@ settings, the dump's SHA-1) is written last. Stage 1 reads it with
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from kobllla.cli import USER_ERRORS, make_parser, run
 from kobllla.wiki import DEFAULT_DROP_SECTIONS, build_kowikitext, download_dump
+
+
+def _number(kind: type, *, minimum: float, inclusive: bool = True, below: float | None = None):
+    """An argparse type: ``kind(text)`` >= ``minimum`` (> when not ``inclusive``, < ``below`` if given);
+    argparse names the flag in its one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        ok = value == value and (value >= minimum if inclusive else value > minimum) and value != float("inf")
+        if below is not None:
+            ok = ok and value < below
+        if not ok:
+            want = f"{'>=' if inclusive else '>'} {minimum:g}" + (f" and < {below:g}" if below is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return value
+    return parse
+
+
+_AT_LEAST_1 = _number(int, minimum=1)
+_AT_LEAST_0 = _number(int, minimum=0)
+_FRACTION = _number(float, minimum=0, below=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,13 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory (written atomically)")
     parser.add_argument("--format", default="parquet", choices=["parquet", "csv"],
                         help="parquet (id, title, text) or the seed's CSV (text)")
-    parser.add_argument("--min-chars", type=int, default=100, help="drop pages whose body is shorter (default 100)")
-    parser.add_argument("--dev-fraction", type=float, default=0.005)
-    parser.add_argument("--test-fraction", type=float, default=0.005)
+    parser.add_argument("--min-chars", type=_AT_LEAST_0, default=100,
+                        help="drop pages whose body is shorter (default 100)")
+    parser.add_argument("--dev-fraction", type=_FRACTION, default=0.005,
+                        help="expected share of pages in dev, by a hash of the page id (default 0.005)")
+    parser.add_argument("--test-fraction", type=_FRACTION, default=0.005,
+                        help="expected share of pages in test, by a hash of the page id (default 0.005)")
     parser.add_argument("--drop-section", action="append", metavar="TITLE",
                         help="section title to drop with its subsections (repeatable; default: "
                         f"{', '.join(DEFAULT_DROP_SECTIONS)})")
-    parser.add_argument("--workers", type=int, default=None, help="parser processes (default: every core)")
+    parser.add_argument("--workers", type=_AT_LEAST_1, default=None, help="parser processes (default: every core)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -59,6 +87,11 @@ def _work(args) -> None:
     pages = manifest["pages"]
     dropped = ", ".join(f"{k} {v}" for k, v in pages["dropped"].items())
     rows = ", ".join(f"{s} {v['rows']}" for s, v in manifest["splits"].items())
+    for split in ("dev", "test"):
+        if manifest["splits"].get(split, {}).get("rows") == 0:
+            fraction = getattr(args, f"{split}_fraction")
+            print(f"warning: the {split} split has 0 pages ({pages['kept']} kept x --{split}-fraction {fraction}); "
+                  f"raise --{split}-fraction for a held-out set", file=sys.stderr)
     print(f"wrote {args.out}: {pages['kept']} of {pages['read']} pages kept ({rows}); dropped: {dropped}; "
           f"{manifest['characters']:,} characters in {manifest['elapsed_s']} s")
 

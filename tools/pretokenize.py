@@ -19,11 +19,34 @@ where it stopped when the same command is run again. Train on it with
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from kobllla.cli import USER_ERRORS, make_parser, run
 from kobllla.pretokenized import pretokenize
+
+
+def _number(kind: type, *, minimum: float, inclusive: bool = True, below: float | None = None):
+    """An argparse type: ``kind(text)`` >= ``minimum`` (> when not ``inclusive``, < ``below`` if given);
+    argparse names the flag in its one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        ok = value == value and (value >= minimum if inclusive else value > minimum) and value != float("inf")
+        if below is not None:
+            ok = ok and value < below
+        if not ok:
+            want = f"{'>=' if inclusive else '>'} {minimum:g}" + (f" and < {below:g}" if below is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return value
+    return parse
+
+
+_AT_LEAST_1 = _number(int, minimum=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, required=True,
                         help="Llama 3 tokenizer.model (a checkpoint's original/tokenizer.model)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (appears when complete)")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: every core)")
-    parser.add_argument("--chunk-rows", type=int, default=512,
+    parser.add_argument("--workers", type=_AT_LEAST_1, default=None, help="tokenizer processes (default: every core)")
+    parser.add_argument("--chunk-rows", type=_AT_LEAST_1, default=512,
                         help="rows per worker task and per resumable commit (default 512)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -30,6 +30,7 @@ Exit status: 0 done, 1 some rows failed (OUTPUT.errors.jsonl), 2 bad input or re
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -43,6 +44,30 @@ from kobllla.translate import (
     parse_speech_levels,
     translate_dataset,
 )
+
+
+def _number(kind: type, *, minimum: float, inclusive: bool = True, below: float | None = None):
+    """An argparse type: ``kind(text)`` >= ``minimum`` (> when not ``inclusive``, < ``below`` if given);
+    argparse names the flag in its one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        ok = value == value and (value >= minimum if inclusive else value > minimum) and value != float("inf")
+        if below is not None:
+            ok = ok and value < below
+        if not ok:
+            want = f"{'>=' if inclusive else '>'} {minimum:g}" + (f" and < {below:g}" if below is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return value
+    return parse
+
+
+_AT_LEAST_1 = _number(int, minimum=1)
+_POSITIVE = _number(float, minimum=0, inclusive=False)
+_NON_NEGATIVE = _number(float, minimum=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-speech-level", default=None, metavar="ROLE=LEVEL,...",
                         help="retry replies whose Korean turns are in another speech level, e.g. "
                         "user=banmal,assistant=jondaetmal (banmal or jondaetmal)")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one reply")
-    parser.add_argument("--max-attempts", type=int, default=6, help="tries per row on 429/5xx/timeouts/bad replies")
-    parser.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each time")
-    parser.add_argument("--give-up-after", type=float, default=600.0, metavar="SECONDS",
+    parser.add_argument("--concurrency", type=_AT_LEAST_1, default=8, help="requests in flight (default 8)")
+    parser.add_argument("--timeout", type=_POSITIVE, default=300.0, help="seconds to wait for one reply")
+    parser.add_argument("--max-attempts", type=_AT_LEAST_1, default=6,
+                        help="tries per row on 429/5xx/timeouts/bad replies")
+    parser.add_argument("--backoff", type=_NON_NEGATIVE, default=2.0,
+                        help="first retry delay in seconds, doubled each time")
+    parser.add_argument("--give-up-after", type=_POSITIVE, default=600.0, metavar="SECONDS",
                         help="stop the run when no request has succeeded for this long (default 600)")
     parser.add_argument("--temperature", type=float, default=0.3)
     parser.add_argument("--max-tokens", type=int, default=None,

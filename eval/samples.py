@@ -10,10 +10,15 @@
 
 Writes OUT/samples.md and OUT/samples.html (one table per prompt, a column per model), OUT/samples.jsonl
 (every answer with its metrics and token ids) and OUT/summary.json. Per model: the rate of answers in the
-language the prompt expects (Hangul vs Latin letters), of Korean answers in jondaetmal (Kiwi's final
+language the prompt expects (Korean vs Latin words, below), of Korean answers in jondaetmal (Kiwi's final
 endings; plain -다 counts as banmal), and of answers that stopped at <|eot_id|>/<|end_of_text|>.
 A prompt row is a tools.generate row plus "expect_lang": "ko"|"en" (or a "kind" ko/en/en_ko/ko_en it is
 taken from); --prompts defaults to the shipped eval/prompts/ (Korean banmal, English, en_ko, ko_en).
+--base is the one base model of every adapter-only epoch_N/ among the --model dirs (full-weight models
+do not use it; it is refused when no model is adapter-only). Adapters trained from different bases:
+merge each first (python -m tools.check_model EPOCH --base BASE --fix-stop-tokens --out DIR) and pass DIR.
+Answer language: Korean when its Korean words (eojeols, "request를" included) are at least as many as
+its Latin words; speech level: of every answer with Hangul (see kobllla/korean.py).
 """
 
 from __future__ import annotations

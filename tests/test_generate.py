@@ -340,7 +340,8 @@ def test_cli_writes_rows_and_refuses_bad_input_in_one_line(models, tmp_path):
     other = write_rows(tmp_path / "other.jsonl", [{"id": "zz", "prompt": "x"}])
     with pytest.raises(ValueError, match=r"a.jsonl: line 1: field 'id' \"ko\" is not in .*other.jsonl; this --out "
                                          r"belongs to another prompts file: pick another --out"):
-        generate_file(model=models["instruct"], prompts=other, out=out, options=GenerationOptions(), progress=False)
+        generate_file(model=models["instruct"], prompts=other, out=out, options=GenerationOptions(max_new_tokens=4),
+                      progress=False)
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2
 
 

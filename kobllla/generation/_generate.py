@@ -367,13 +367,13 @@ def generate_file(*, model: Path, prompts: Path, out: Path, options: GenerationO
         raise ValueError(f"--out {out} is a directory; pass a .jsonl file path")
     refuse_output_over_inputs(out, [prompts, Path(model), base])
     rows = read_prompts(prompts)
-    check_resume_settings(out, model=Path(model), base=base, options=options)
+    settings = check_resume_settings(out, model=Path(model), base=base, options=options)
     skip = done_ids(out, prompts, {row_key(r["id"]) for r in rows})
     todo = [r for r in rows if row_key(r["id"]) not in skip]
     loaded = load_model(Path(model), base=base, device=options.device, dtype=options.dtype)
     try:
         return _write_rows(loaded, todo, out, options, total=len(rows), skipped=len(rows) - len(todo),
-                           progress=progress)
+                           progress=progress, settings=settings)
     finally:
         loaded.close()
 
@@ -387,8 +387,8 @@ def settings_path(out: Path) -> Path:
     return out.with_name(out.name + ".settings.json")
 
 
-def check_resume_settings(out: Path, *, model: Path, base: Path | None, options: GenerationOptions) -> None:
-    """Writes the settings sidecar on a first run; refuses a resume whose model or flags differ.
+def check_resume_settings(out: Path, *, model: Path, base: Path | None, options: GenerationOptions) -> dict:
+    """The settings that decide ``out``'s rows; refuses a resume whose model or flags differ from its sidecar.
 
     Raises:
         ValueError: naming the flag that differs and both values.
@@ -396,32 +396,26 @@ def check_resume_settings(out: Path, *, model: Path, base: Path | None, options:
     want = {"model": str(model.resolve()), "base": None if base is None else str(Path(base).resolve()),
             **{k: getattr(options, k) for k in _RESUME_KEYS}}
     side = settings_path(out)
-    if not (out.is_file() and out.stat().st_size > 0):  # nothing written yet: these settings start the file
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_json(side, want)
-        except OSError as exc:
-            raise OSError(f"--out {out}: cannot write there ({exc.strerror or exc}); pick a writable path") from None
-        return
-    have = read_json(side)
-    if have is None:
-        return  # written before settings were recorded: nothing to compare with
-    for key, value in want.items():
+    have = read_json(side) if out.is_file() and out.stat().st_size > 0 else None
+    for key, value in want.items() if have is not None else ():
         if have.get(key) != value:
             flag = "--" + key.replace("_", "-")
             raise ValueError(f"{out} was written with {flag} {have.get(key)!r}, not {value!r} ({side}); "
                              f"rerun with the same {flag} to resume, or pick a new --out")
+    return want
 
 
 def _write_rows(loaded: LoadedModel, todo: list[dict], out: Path, options: GenerationOptions, *, total: int,
-                skipped: int, progress: bool) -> GenerateSummary:
+                skipped: int, progress: bool, settings: dict) -> GenerateSummary:
     from tqdm import tqdm
 
     encoded = encode_rows(loaded, todo, options)  # every row checked before --out is touched
-    out.parent.mkdir(parents=True, exist_ok=True)
     tokens = stopped = 0
     start = time.perf_counter()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not (out.is_file() and out.stat().st_size > 0):  # a new file: these settings start it
+            write_json(settings_path(out), settings)
         fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as exc:
         raise OSError(f"--out {out}: cannot write there ({exc.strerror or exc}); pick a writable path") from None

@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 from kobllla.cli import make_parser, run
-from kobllla.evaluation import compare_runs, load_runs, write_report
-from kobllla.evaluation._report import check_report_out
+from kobllla.evaluation import check_report_out, compare_runs, load_runs, write_report
 
 
 def _pair_arg(text: str) -> tuple[str, str]:

@@ -7,15 +7,16 @@ r"""Evaluate checkpoints on named lm_eval suites (and held-out perplexity); stor
         --data-dir data/eval --heldout ko=heldout/ko.txt --heldout en=heldout/en.txt --results-dir runs/eval
     # tiny CPU smoke run on the repo's fixtures (~30 s):
     python -m tools.make_tiny_model --out runs/eval-smoke/models/base --dtype float32
-    python -m eval.run --model tiny=runs/eval-smoke/models/base --suite english_retention --data-dir tests/assets/eval/data \
-        --device cpu --results-dir runs/eval-smoke
+    python -m eval.run --model tiny=runs/eval-smoke/models/base --suite english_retention \
+        --data-dir tests/assets/eval/data --device cpu --results-dir runs/eval-smoke
     # translation (chrF++ and BLEU, both directions) on held-out pairs DIR/test.ko + DIR/test.zh:
     python -m eval.run --model mt=runs/translation/epoch_0 --task kobllla_translation \
         --translation-data data/literary --results-dir runs/eval
 
 Suites: english_retention (truthfulqa_mc2 = the gate, truthfulqa_mc1), korean (kobest x5, haerae x5,
 a KMMLU subset), kobest, haerae, kmmlu (45 subjects),
-translation (kobllla_translation_ko_zh, kobllla_translation_zh_ko; needs --translation-data). Then: python -m eval.report runs/eval ...
+translation (kobllla_translation_ko_zh, kobllla_translation_zh_ko; needs --translation-data).
+Then: python -m eval.report runs/eval ...
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", type=_model_arg, required=True, metavar="[LABEL=]PATH_OR_HUB_ID",
                         help="checkpoint to evaluate (repeatable); LABEL names it in reports (default: dir name)")
     parser.add_argument("--suite", action="append", default=[], help=f"suite to run (repeatable): {', '.join(SUITES)}")
-    parser.add_argument("--task", action="append", default=[], help="extra lm_eval task (repeatable), e.g. kobest_boolq")
+    parser.add_argument("--task", action="append", default=[],
+                        help="extra lm_eval task (repeatable), e.g. kobest_boolq")
     parser.add_argument("--data-dir", type=Path, help="local copies of the datasets instead of the hub")
     parser.add_argument("--translation-data", type=Path, metavar="DIR",
                         help="held-out pairs of the kobllla_translation tasks: DIR/test.ko + DIR/test.zh or test.jsonl")

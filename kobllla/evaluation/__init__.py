@@ -23,6 +23,7 @@ from kobllla.evaluation._report import (
     Comparison,
     GateResult,
     IncomparableRunsError,
+    check_report_out,
     compare_runs,
     render_chart,
     render_markdown,
@@ -41,7 +42,8 @@ from kobllla.evaluation._tasks import KMMLU_KOREAN_SUBSET, SUITES, TASKS, TaskSp
 
 __all__ = [
     "DEFAULT_GATES", "KMMLU_KOREAN_SUBSET", "SUITES", "TASKS", "Comparison", "GateResult",
-    "IncomparableRunsError", "ModelRef", "TaskSpec", "check_checkpoint_dir", "check_plan", "compare_runs",
+    "IncomparableRunsError", "ModelRef", "TaskSpec", "check_checkpoint_dir", "check_plan", "check_report_out",
+    "compare_runs",
     "evaluate_model", "latest_runs", "load_history", "load_plan", "load_run", "load_runs", "perplexity",
     "perplexity_of_texts", "read_heldout", "render_chart", "render_markdown", "resolve_model",
     "resolve_tasks", "run_plan", "save_run", "write_report",

@@ -126,7 +126,8 @@ def _heldout_sources(heldout: dict[str, Path | list[str]]) -> tuple[dict[str, li
         docs[lang] = read_heldout(src)
         digest = hashlib.sha256("\n\n".join(docs[lang]).encode("utf-8")).hexdigest()
         where = "inline" if isinstance(src, list) else str(Path(src).resolve())
-        sources[lang] = {"source": "local", "files": {"text": {"path": where, "sha256": digest, "rows": len(docs[lang])}}}
+        text = {"path": where, "sha256": digest, "rows": len(docs[lang])}
+        sources[lang] = {"source": "local", "files": {"text": text}}
     return docs, sources
 
 

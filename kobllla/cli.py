@@ -69,3 +69,22 @@ def run(work: Callable[[], int | None], *, errors: tuple[type[BaseException], ..
         print("interrupted", file=sys.stderr)
         return 130
     return 0 if code is None else code
+
+
+def number_arg(kind: type, *, minimum: float, inclusive: bool = True, below: float | None = None):
+    """An argparse ``type=``: ``kind(text)`` >= ``minimum`` (> when not ``inclusive``; < ``below`` if
+    given), finite; argparse then names the flag in its one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        ok = value == value and (value >= minimum if inclusive else value > minimum) and value != float("inf")
+        if below is not None:
+            ok = ok and value < below
+        if not ok:
+            want = f"{'>=' if inclusive else '>'} {minimum:g}" + (f" and < {below:g}" if below is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return value
+    return parse

@@ -30,12 +30,11 @@ Exit status: 0 done, 1 some rows failed (OUTPUT.errors.jsonl), 2 bad input or re
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-from kobllla.cli import USER_ERRORS, cap, error_exit, make_parser, run
+from kobllla.cli import USER_ERRORS, cap, error_exit, make_parser, number_arg, run
 from kobllla.translate import (
     ChatEndpoint,
     FatalEndpointError,
@@ -45,29 +44,9 @@ from kobllla.translate import (
     translate_dataset,
 )
 
-
-def _number(kind: type, *, minimum: float, inclusive: bool = True, below: float | None = None):
-    """An argparse type: ``kind(text)`` >= ``minimum`` (> when not ``inclusive``, < ``below`` if given);
-    argparse names the flag in its one-line error."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        ok = value == value and (value >= minimum if inclusive else value > minimum) and value != float("inf")
-        if below is not None:
-            ok = ok and value < below
-        if not ok:
-            want = f"{'>=' if inclusive else '>'} {minimum:g}" + (f" and < {below:g}" if below is not None else "")
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
-        return value
-    return parse
-
-
-_AT_LEAST_1 = _number(int, minimum=1)
-_POSITIVE = _number(float, minimum=0, inclusive=False)
-_NON_NEGATIVE = _number(float, minimum=0)
+_AT_LEAST_1 = number_arg(int, minimum=1)
+_POSITIVE = number_arg(float, minimum=0, inclusive=False)
+_NON_NEGATIVE = number_arg(float, minimum=0)
 
 
 def main(argv: list[str] | None = None) -> int:

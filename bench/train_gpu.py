@@ -221,12 +221,20 @@ class WallClockDiskLogger:
 # --------------------------------------------------------------------------------------------
 
 
-def write_random_checkpoint(out_dir: Path, *, preset: str, device: str, seed: int) -> dict:
+def write_random_checkpoint(out_dir: Path, *, preset: str, device: str, seed: int, flavor: str = "base") -> dict:
     """HF-format Llama 3 checkpoint (bf16, <= 5 GiB shards), weights N(0, 0.02) drawn on ``device``."""
     import torch
 
     from kobllla.checkpoint_io import ShardedSafetensorsWriter, atomic_output_dir, write_json
-    from kobllla.tiny_model import PRESETS, hf_config, hf_tensor_shapes, write_tokenizer_files
+    from kobllla.tiny_model import (
+        BOS_ID,
+        END_OF_TEXT_ID,
+        EOT_ID,
+        PRESETS,
+        hf_config,
+        hf_tensor_shapes,
+        write_tokenizer_files,
+    )
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -242,8 +250,13 @@ def write_random_checkpoint(out_dir: Path, *, preset: str, device: str, seed: in
                 t = torch.randn(size, generator=gen, device=device, dtype=torch.bfloat16).mul_(0.02)
             writer.add(name, t)
         files = [p.name for p in writer.close()]
-        write_json(tmp / "config.json", hf_config(shape, flavor="base", dtype="bfloat16"))
-        write_tokenizer_files(tmp, flavor="base", max_len=shape.max_seq_len)
+        write_json(tmp / "config.json", hf_config(shape, flavor=flavor, dtype="bfloat16"))
+        write_json(tmp / "generation_config.json", {  # as kobllla.tiny_model.make_model writes it
+            "bos_token_id": BOS_ID,
+            "eos_token_id": [END_OF_TEXT_ID, EOT_ID] if flavor == "instruct" else END_OF_TEXT_ID,
+            "do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_length": shape.max_seq_len,
+        })
+        write_tokenizer_files(tmp, flavor=flavor, max_len=shape.max_seq_len)
         write_json(tmp / "kobllla_model.json", {
             "made_by": "bench/train_gpu.py write_random_checkpoint", "preset": preset, "seed": seed,
             "dtype": "bfloat16", "shape": asdict(shape), "num_params": shape.num_params(),

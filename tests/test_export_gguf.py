@@ -274,3 +274,24 @@ def test_missing_managed_llama_cpp_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"LLAMA_CPP_DIR .* has no convert_hf_to_gguf\.py"):
         find_llama_cpp()
+
+
+def test_header_checks_use_a_clones_gguf_py_when_the_gguf_package_is_missing(tmp_path, monkeypatch):
+    """A user with only a llama.cpp clone (no `pip install gguf`): its gguf-py is put on the path,
+    and with neither there the export stops with one line saying how to get it."""
+    import sys
+
+    from kobllla.gguf.export import _importable_gguf_py
+    from kobllla.gguf.locate import LlamaCpp
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    clone = tmp_path / "llama.cpp"
+    (clone / "gguf-py" / "gguf").mkdir(parents=True)
+    (clone / "gguf-py" / "gguf" / "__init__.py").write_text("")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    _importable_gguf_py(LlamaCpp(root=clone, source="--llama-cpp", version="unknown", quantize_binary=None))
+    assert sys.path[-1] == str(clone / "gguf-py")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"pip install 'kobllla\[gguf\]'"):
+        _importable_gguf_py(LlamaCpp(root=bare, source="--llama-cpp", version="unknown", quantize_binary=None))

@@ -269,6 +269,18 @@ def _check_input(model: Path, base: Path | None) -> None:
         check_loadable_files(base, role="base")
 
 
+def _importable_gguf_py(lc: LlamaCpp) -> None:
+    """The header checks read tensor type names from gguf-py: the installed one (the ``gguf`` extra) or,
+    where a user has only a llama.cpp clone, the copy the converter runs with (``LLAMA_CPP/gguf-py``)."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        if not (lc.gguf_py / "gguf" / "__init__.py").is_file():
+            raise FileNotFoundError(f"neither the gguf package nor {lc.gguf_py}/gguf is there: pip install "
+                                    "'kobllla[gguf]' (gguf==0.19.0) or pass a full llama.cpp tree") from None
+        sys.path.append(str(lc.gguf_py))
+
+
 def export_gguf(
     *,
     model: Path,
@@ -325,6 +337,7 @@ def export_gguf(
         raise ValueError(f"file name stem {stem!r} (--name, default: the model directory's name): use letters, "
                          "digits, '.', '_', '+' and '-' only; pass --name")
     lc = find_llama_cpp(llama_cpp, fetch=fetch)
+    _importable_gguf_py(lc)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         scratch = tmp / ".scratch"
         scratch.mkdir()

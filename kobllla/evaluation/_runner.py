@@ -21,6 +21,7 @@ import torch
 
 from kobllla.evaluation._checkpoint import fingerprint_files, resolve_model
 from kobllla.evaluation._perplexity import HELDOUT_VERSION, perplexity_of_texts, read_heldout
+from kobllla.evaluation._preload import start_preload
 from kobllla.evaluation._store import RUN_SCHEMA, check_label, new_run_id, save_run
 from kobllla.evaluation._tasks import (
     TASKS,
@@ -209,9 +210,11 @@ def evaluate_model(
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as pool:  # hash the weights while lm_eval loads them
         digest = pool.submit(fingerprint_files, ref.files, Path(ref.spec), mode=fingerprint) if ref.local else None
+        # the shared-prefix scorer's weights load onto the device while lm_eval and transformers import
+        preload = start_preload(ref.files, device) if scorer == "shared_prefix" and ref.local else None
         lm, out, timing = _run_lm_eval(ref.spec, names, sources, device=device, dtype=dtype, batch_size=batch_size,
                                        limit=limit, num_fewshot=num_fewshot, max_length=max_length,
-                                       bootstrap_iters=bootstrap_iters, scorer=scorer)
+                                       bootstrap_iters=bootstrap_iters, scorer=scorer, preload=preload)
         t1 = time.perf_counter()
         task_entries = _task_entries(out, sources) if out else {}
         task_entries.update(_heldout_entries(lm, docs, heldout_sources, heldout_stride))
@@ -316,17 +319,21 @@ def _no_env_report():
 
 
 def _run_lm_eval(spec: str, names: list[str], sources: dict[str, dict], *, device: str, dtype: str,
-                 batch_size, limit, num_fewshot, max_length, bootstrap_iters: int, scorer: str):
+                 batch_size, limit, num_fewshot, max_length, bootstrap_iters: int, scorer: str, preload=None):
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    extra = {}
     if scorer == "shared_prefix":
         from kobllla.evaluation._shared_prefix import SharedPrefixHFLM as model_class
+
+        extra["preloaded"] = preload
     else:
         model_class = HFLM
     t0 = time.perf_counter()
-    lm = model_class(pretrained=spec, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length)
+    lm = model_class(pretrained=spec, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                     **extra)
     timing = {"load_s": time.perf_counter() - t0}
     if not names:
         return lm, None, timing

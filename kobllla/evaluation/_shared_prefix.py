@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from concurrent.futures import Future
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
+from lm_eval.models.utils_hf import get_dtype
+
+from kobllla.evaluation._preload import preloaded_state
 
 Request = tuple[tuple[str, str], list[int], list[int]]
 
@@ -82,6 +87,8 @@ class SharedPrefixHFLM(HFLM):
 
     Args:
         max_batch_tokens: packed tokens per forward (rows x padded length); bounds activation memory.
+        preloaded: a future of the checkpoint's state dict already on the device
+            (:func:`kobllla.evaluation._preload.start_preload`); the model is built from it.
         shared_kv_prefix: compute the tokens that every context starts with once, as a KV cache
             that all rows attend to (MC2: the ~130-token 6-shot preamble of every question). Off by
             default: same scores in fp32, but in bf16 it moved MC2 1.6e-3 from plain lm_eval's on the
@@ -89,11 +96,32 @@ class SharedPrefixHFLM(HFLM):
         Everything else as lm_eval's ``HFLM`` (``pretrained``, ``dtype``, ``device``, ``max_length``...).
     """
 
-    def __init__(self, *args, max_batch_tokens: int = 32768, shared_kv_prefix: bool = False, **kwargs) -> None:
+    def __init__(self, *args, max_batch_tokens: int = 32768, shared_kv_prefix: bool = False,
+                 preloaded: Future | None = None, **kwargs) -> None:
+        self._preloaded = preloaded  # read by _create_model, which HFLM.__init__ calls
         super().__init__(*args, **kwargs)
         self.max_batch_tokens = max_batch_tokens
         self.shared_kv_prefix = shared_kv_prefix
         self.timing: dict[str, float] = {}
+
+    def _create_model(self, pretrained: str, **kwargs) -> None:
+        state = preloaded_state(self._preloaded)
+        self._preloaded = None
+        unsupported = [k for k in ("parallelize", "peft", "delta", "autogptq", "gptqmodel", "gguf_file",
+                                   "quantization_config", "tp_plan", "device_map", "subfolder") if kwargs.get(k)]
+        import transformers
+
+        names = getattr(self.config, "architectures", None) or []
+        model_class = getattr(transformers, names[0], None) if len(names) == 1 else None
+        if state is None or unsupported or model_class is None:
+            return super()._create_model(pretrained, **kwargs)
+        # the tensors are on self.device already: build the config's model class around them
+        self._model = model_class.from_pretrained(
+            None, config=self.config, state_dict=state, dtype=get_dtype(kwargs.get("dtype", "auto")),
+            device_map={"": str(self.device)}, trust_remote_code=bool(kwargs.get("trust_remote_code")))
+        if (Path(pretrained) / "generation_config.json").is_file():
+            self._model.generation_config = transformers.GenerationConfig.from_pretrained(pretrained)
+        return None
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """lm_eval's ``TemplateLM.loglikelihood`` with every distinct string encoded once, batched."""

@@ -10,6 +10,13 @@ module bridges those and nothing else, then runs the unmodified recipe file:
 3. ``torch.cpu.empty_cache`` and 4. ``torch.cpu.reset_peak_memory_stats`` do not exist
    (``training.cleanup_before_training`` calls them): no-ops on CPU.
 
+One more, a bug rather than a CUDA call: ``lora_finetune_single_device`` saves each epoch with
+``get_merged_lora_ckpt({k: v.cpu() ...})``, which adds ``alpha/rank * B @ A`` to the weights *in
+place*; on a GPU ``.cpu()`` copies, on a CPU it returns the model's own tensors, so every save
+merged the adapter into the live frozen weights, and each later epoch trained (and saved) on top of
+the adapter counted twice (measured on the demo's stage 3, 2 epochs: merged ``lm_head`` off by up to
+0.075 from ``W + 2 B A``). 5. the merge gets copies of the tensors (``tests/test_cpu_bridge_merge.py``).
+
 With CUDA available, :func:`apply` changes nothing, so the same command works on a GPU box.
 
 Before any worker starts, :func:`launch` reads the config as ``tune run`` does (YAML plus
@@ -45,7 +52,7 @@ def _cpu_memory_stats(device: torch.device, reset_stats: bool = True) -> dict[st
 
 
 def apply() -> bool:
-    """Installs the four CPU bridges when CUDA is unavailable; returns whether it did."""
+    """Installs the five CPU bridges when CUDA is unavailable; returns whether it did."""
     if torch.cuda.is_available():
         return False
     from torchtune import training
@@ -73,7 +80,24 @@ def apply() -> bool:
     for name in ("empty_cache", "reset_peak_memory_stats"):
         if not hasattr(torch.cpu, name):
             setattr(torch.cpu, name, lambda *args, **kwargs: None)
+    _merge_on_copies()
     return True
+
+
+def _merge_on_copies() -> None:
+    """``get_merged_lora_ckpt`` on copies of the tensors, so that a save never edits the live model."""
+    from torchtune.modules import peft
+    from torchtune.modules.peft import _utils
+
+    real = _utils.get_merged_lora_ckpt
+    if getattr(real, "_kobllla_bridge", False):
+        return
+
+    def get_merged_lora_ckpt(state_dict: dict, rank: int, alpha: float) -> dict:
+        return real({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}, rank, alpha)
+
+    get_merged_lora_ckpt._kobllla_bridge = True
+    _utils.get_merged_lora_ckpt = peft.get_merged_lora_ckpt = get_merged_lora_ckpt
 
 
 def stock_recipe_path(recipe: str) -> Path:

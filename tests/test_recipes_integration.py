@@ -178,3 +178,33 @@ def test_qlora_single_device_trains_and_saves_a_loadable_checkpoint(work):
     wait_ok(proc, log)
     assert sorted(logged_losses(out)) == [1, 2]
     assert_hf_matches_torchtune(out / "epoch_0", work["base"] / "original" / "tokenizer.model")
+
+
+def test_single_device_lora_saves_each_epoch_without_merging_into_the_live_model(work):
+    """torchtune 0.6.1's single-device recipe merges ``W + alpha/rank * B A`` in place into
+    ``{k: v.cpu()}``, which on a CPU is the live model: without kobllla.cpu_bridge's copy, every
+    later epoch trained and saved on top of the adapter counted twice. Reference: the saved
+    adapter and the input checkpoint, merged here by hand."""
+    from safetensors.torch import load_file
+
+    out = work["root"] / "single-2ep"
+    log = work["root"] / "single-2ep.log"
+    wait_ok(tune_cpu([
+        "lora_finetune_single_device", "--config", "configs/tiny/stage1_kowiki_lora.yaml",
+        f"output_dir={out}", f"checkpointer.checkpoint_dir={work['base']}",
+        f"tokenizer.path={work['base']}/original/tokenizer.model", f"dataset.data_files={work['corpus']}",
+        "epochs=2", "max_steps_per_epoch=2", "batch_size=2",
+    ], log, nproc=None), log)
+    base = {k: v.float() for f in work["base"].glob("*.safetensors") for k, v in load_file(f).items()}
+    for epoch in ("epoch_0", "epoch_1"):
+        adapter = load_file(out / epoch / "adapter_model.safetensors")
+        merged = {k: v.float() for f in (out / epoch).glob("model-*.safetensors") for k, v in load_file(f).items()}
+        modules = sorted(k[len("base_model.model."):-len(".lora_A.weight")] for k in adapter if "lora_A" in k)
+        assert modules, adapter.keys()
+        for m in modules:
+            a = adapter[f"base_model.model.{m}.lora_A.weight"].float()
+            b = adapter[f"base_model.model.{m}.lora_B.weight"].float()
+            want = base[f"{m}.weight"] + (32 / 16) * b @ a  # the config's lora_alpha / lora_rank
+            assert (b != 0).any(), f"{epoch} {m}: the adapter did not train"
+            assert torch.allclose(merged[f"{m}.weight"], want, atol=1e-6), (
+                f"{epoch} {m}: max diff {(merged[f'{m}.weight'] - want).abs().max().item():.3g}")

@@ -9,7 +9,7 @@ Stages (each a directory of the run dir, skipped on a rerun once its marker
     instruct    stage 0b: full tuning of base on English Q/A (full_finetune_single_device)
     stage1      LoRA continued pretraining of base on Korean (lora_finetune_distributed, 2 ranks)
     chat_vector stage1 + (instruct - base)                   (tools.chat_vector)
-    stage3      LoRA instruction tuning on KoLIMA + BiLIMA   (lora_finetune_distributed, 2 ranks)
+    stage3      LoRA instruction tuning on KoLIMA + BiLIMA   (lora_finetune_single_device)
     eval        held-out perplexity (ko, en), TruthfulQA-format MC2, Q/A answer loss, the gate
 """
 

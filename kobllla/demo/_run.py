@@ -112,7 +112,7 @@ def train_all(chain: Chain, *, seed: int = 0) -> tuple[dict[str, StageRecord], D
     stages["chat_vector"] = _chat_vector_stage(chain, ckpt("base"), ckpt("instruct"), ckpt("stage1"))
     stages["stage3"] = _training_stage(
         chain, "stage3", "Stage 3: LoRA instruction tuning on KoLIMA + BiLIMA (en_ko, ko_en)",
-        "lora_finetune_distributed", ckpt("chat_vector"), {**_stage3_datasets(data), "seed": seed}, nproc=2)
+        "lora_finetune_single_device", ckpt("chat_vector"), {**_stage3_datasets(data), "seed": seed}, nproc=None)
     return stages, data
 
 

@@ -1,7 +1,8 @@
 """Run torchtune 0.6.1's stock recipes on a CPU-only torch (tests, the demo, laptops).
 
 The stock ``lora_finetune_distributed`` recipe is CUDA-only in exactly four places; this
-module bridges those and nothing else, then runs the unmodified recipe file:
+module bridges those, works around one CPU-only bug (5.) and nothing else, then runs the
+unmodified recipe file:
 
 1. ``init_process_group("cuda:nccl,cpu:gloo")``: without CUDA, NCCL is not built in, so
    the backend becomes ``gloo``.
@@ -10,12 +11,12 @@ module bridges those and nothing else, then runs the unmodified recipe file:
 3. ``torch.cpu.empty_cache`` and 4. ``torch.cpu.reset_peak_memory_stats`` do not exist
    (``training.cleanup_before_training`` calls them): no-ops on CPU.
 
-One more, a bug rather than a CUDA call: ``lora_finetune_single_device`` saves each epoch with
-``get_merged_lora_ckpt({k: v.cpu() ...})``, which adds ``alpha/rank * B @ A`` to the weights *in
-place*; on a GPU ``.cpu()`` copies, on a CPU it returns the model's own tensors, so every save
-merged the adapter into the live frozen weights, and each later epoch trained (and saved) on top of
-the adapter counted twice (measured on the demo's stage 3, 2 epochs: merged ``lm_head`` off by up to
-0.075 from ``W + 2 B A``). 5. the merge gets copies of the tensors (``tests/test_cpu_bridge_merge.py``).
+5. ``lora_finetune_single_device`` saves each epoch with ``get_merged_lora_ckpt({k: v.cpu() ...})``,
+   which adds ``alpha/rank * B @ A`` to the weights *in place*; on a GPU ``.cpu()`` copies, on a CPU
+   it returns the model's own tensors, so every save merged the adapter into the live frozen
+   weights and each later epoch trained (and saved) on top of the adapter counted twice (the demo's
+   stage 3, 2 epochs: merged ``lm_head`` off by up to 0.075 from ``W + 2 B A``). The merge now gets
+   copies (``tests/test_recipes_integration.py``).
 
 With CUDA available, :func:`apply` changes nothing, so the same command works on a GPU box.
 

@@ -5,30 +5,45 @@ transformers and then ~5 s in ``from_pretrained`` (16 GB from the page cache to 
 to the GPU). Here the safetensors files are loaded straight onto the device by a thread started
 before those imports, and ``from_pretrained(state_dict=...)`` builds the model from the tensors
 already there. Same weights, same model class and config: the scores equal the plain load's
-(``tests/test_eval_preload.py``). ``KOBLLLA_PRELOAD=0`` turns it off. Torch-only (no lm_eval, no
-transformers) so that it can start first.
+(``tests/test_eval_preload.py``). ``KOBLLLA_PRELOAD=0`` turns it off. No lm_eval, no transformers
+here, so that it can start first.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from kobllla.checkpoint_io import INDEX_NAME
+
 log = logging.getLogger(__name__)
 
 
-def start_preload(files: list[Path] | tuple[Path, ...], device: str) -> Future | None:
-    """Starts loading every ``*.safetensors`` of ``files`` onto ``device``; the future's result is the
-    merged state dict (HF tensor names), or None when there is nothing to preload."""
-    weights = sorted(Path(f) for f in files if Path(f).suffix == ".safetensors")
+def start_preload(model_dir: Path, device: str) -> Future | None:
+    """Starts loading the safetensors weights that ``from_pretrained`` would load from ``model_dir``
+    onto ``device``; the future's result is the merged state dict (HF tensor names), or None when
+    there is nothing to preload (no safetensors weights, or ``KOBLLLA_PRELOAD=0``)."""
+    weights = model_weight_files(Path(model_dir))
     if not weights or os.environ.get("KOBLLLA_PRELOAD", "1") == "0":  # 0: load as lm_eval does (to measure)
         return None
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kobllla-preload")
     future = pool.submit(_load, weights, device)
     pool.shutdown(wait=False)
     return future
+
+
+def model_weight_files(model_dir: Path) -> list[Path]:
+    """``model.safetensors``, else the files of the index's weight map, as transformers picks them;
+    never a torchtune epoch dir's ``adapter_model.safetensors`` beside them."""
+    single, index = model_dir / "model.safetensors", model_dir / INDEX_NAME
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        return sorted({model_dir / name for name in json.loads(index.read_text())["weight_map"].values()})
+    return []
 
 
 def _load(files: list[Path], device: str) -> dict:

@@ -211,7 +211,7 @@ def evaluate_model(
     with ThreadPoolExecutor(max_workers=1) as pool:  # hash the weights while lm_eval loads them
         digest = pool.submit(fingerprint_files, ref.files, Path(ref.spec), mode=fingerprint) if ref.local else None
         # the shared-prefix scorer's weights load onto the device while lm_eval and transformers import
-        preload = start_preload(ref.files, device) if scorer == "shared_prefix" and ref.local else None
+        preload = start_preload(Path(ref.spec), device) if scorer == "shared_prefix" and ref.local else None
         lm, out, timing = _run_lm_eval(ref.spec, names, sources, device=device, dtype=dtype, batch_size=batch_size,
                                        limit=limit, num_fewshot=num_fewshot, max_length=max_length,
                                        bootstrap_iters=bootstrap_iters, scorer=scorer, preload=preload)

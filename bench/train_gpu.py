@@ -355,7 +355,18 @@ VARIANTS: dict[str, tuple[str, dict, str] | None] = {
     "fused": ("kobllla.models.lora_llama3_8b", {"output": "hidden"}, "kobllla.losses.FusedLinearCrossEntropyLoss"),
     "fp8": ("kobllla.models.lora_llama3_8b", {"output": "hidden", "fp8": True},
             "kobllla.losses.FusedLinearCrossEntropyLoss"),
+    # kobllla.models._fast: fused q/k/v and gate/up frozen matmuls, flex attention on the 8 kv heads
+    "fast": ("kobllla.models.lora_llama3_8b", {"fuse_projections": True, "attention": "flex_gqa"},
+             "torchtune.modules.loss.CEWithChunkedOutputLoss"),
+    "fp8fast": ("kobllla.models.lora_llama3_8b",
+                {"output": "hidden", "fp8": True, "fuse_projections": True, "attention": "flex_gqa"},
+                "kobllla.losses.FusedLinearCrossEntropyLoss"),
+    # the same with the 128,256-way output projection in float8 too (torchtune's chunked loss)
+    "fp8all": ("kobllla.models.lora_llama3_8b",
+               {"fp8": True, "fp8_output": True, "fuse_projections": True, "attention": "flex_gqa"},
+               "torchtune.modules.loss.CEWithChunkedOutputLoss"),
 }
+SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention")
 
 
 def apply_variant(cfg: dict, variant: str, *, tiny: bool) -> None:
@@ -366,7 +377,7 @@ def apply_variant(cfg: dict, variant: str, *, tiny: bool) -> None:
     component, extra, loss = spec
     if tiny:  # the generic builders take the shape; kobllla.models has the same two names
         component = component.replace("lora_llama3_8b", "lora_llama3")
-    model = {k: v for k, v in cfg["model"].items() if k not in ("_component_", "output", "fp8")}
+    model = {k: v for k, v in cfg["model"].items() if k not in ("_component_", *SPEED_KEYS)}
     cfg["model"] = {"_component_": component, **model, **extra}
     cfg["loss"] = {"_component_": loss}
 

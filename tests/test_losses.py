@@ -217,12 +217,16 @@ def _recipe_losses(tmp_path: Path, tiny_base: Path, variant: str) -> list[float]
     return [float(item.split(":")[1]) for line in log.splitlines() for item in line.split() if item.startswith("loss:")]
 
 
-@pytest.mark.integration  # three real `tune run`s (~35 CPU-s)
+@pytest.mark.integration  # five real `tune run`s (~60 CPU-s)
 def test_stock_recipe_trains_with_the_fused_loss_and_fp8_to_the_same_losses(tmp_path, tiny_base):
     stock = _recipe_losses(tmp_path, tiny_base, "stock")
     fused = _recipe_losses(tmp_path, tiny_base, "fused")
+    fast = _recipe_losses(tmp_path, tiny_base, "fast")  # fused q/k/v + gate/up, GQA attention
     fp8 = _recipe_losses(tmp_path, tiny_base, "fp8")
-    assert len(stock) == len(fused) == len(fp8) >= 2
+    fp8all = _recipe_losses(tmp_path, tiny_base, "fp8all")  # + float8 output projection
+    assert len(stock) == len(fused) == len(fast) == len(fp8) == len(fp8all) >= 2
     assert fused == pytest.approx(stock, rel=1e-5)
+    assert fast == pytest.approx(stock, rel=1e-5)
     assert fp8 == pytest.approx(stock, rel=1e-2) and fp8 != pytest.approx(stock, rel=1e-7)
+    assert fp8all == pytest.approx(stock, rel=1e-2) and fp8all != pytest.approx(fp8, rel=1e-7)
     assert stock[0] != stock[-1]  # it trained

@@ -7,7 +7,11 @@
 - ``fp8=True``: the frozen base linears (q/k/v/o and the MLP; not the output projection, not the
   LoRA adapters) run their matmuls in float8 with rowwise scales (``kobllla.models._fp8``). Needs
   a GPU with float8 tensor cores (H100/H200, compute capability >= 8.9) for speed; on CPU it runs
-  (slowly) through the same ``torch._scaled_mm``.
+  (slowly) through the same ``torch._scaled_mm``. ``fp8_output=True`` (with ``output="logits"``)
+  also runs the 128,256-way output projection in float8.
+- ``fuse_projections=True``: q/k/v as one frozen matmul, gate/up as one (``kobllla.models._fast``).
+- ``attention="flex_gqa"``: flex attention on the 8 key/value heads as they are (``enable_gqa``),
+  not on torchtune's per-query-head copies (``kobllla.models._fast``).
 
 Weights, state-dict keys and checkpoints are torchtune's: a checkpoint saved by a run with
 either option loads into the stock builder and vice versa.
@@ -49,9 +53,15 @@ class HiddenStateDecoder(TransformerDecoder):
         )
 
 
-def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool) -> TransformerDecoder:
+def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool, fp8_output: bool = False,
+           fuse_projections: bool = False, attention: str = "flex") -> TransformerDecoder:
     if output not in ("logits", "hidden"):
         raise ValueError(f"model.output must be 'logits' or 'hidden', got {output!r}")
+    if fp8_output and not fp8:
+        raise ValueError("model.fp8_output needs model.fp8: True")
+    if fp8_output and output == "hidden":
+        raise ValueError("model.fp8_output needs output: logits (with output: hidden the loss does the projection "
+                         "in bf16)")
     if output == "hidden":
         if type(model.output) is not nn.Linear:
             raise ValueError(
@@ -62,7 +72,11 @@ def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool) -> Transform
     if fp8:
         from kobllla.models._fp8 import convert_frozen_linears_to_fp8
 
-        convert_frozen_linears_to_fp8(model)
+        convert_frozen_linears_to_fp8(model, skip=() if fp8_output else ("output",))
+    if fuse_projections or attention != "flex":
+        from kobllla.models._fast import apply_fast_layers
+
+        apply_fast_layers(model, fuse_projections=fuse_projections, attention=attention, fp8=fp8)
     return model
 
 
@@ -76,8 +90,11 @@ def lora_llama3_8b(
     *,
     output: Output = "logits",
     fp8: bool = False,
+    fp8_output: bool = False,
+    fuse_projections: bool = False,
+    attention: str = "flex",
 ) -> TransformerDecoder:
-    """torchtune's ``lora_llama3_8b`` with ``output`` and ``fp8`` (see the module docstring).
+    """torchtune's ``lora_llama3_8b`` with the speed options (see the module docstring).
 
     Raises:
         ValueError: an unknown ``output``, ``output="hidden"`` with LoRA on the output projection.
@@ -86,7 +103,8 @@ def lora_llama3_8b(
 
     model = build(lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
-    return _adapt(model, output=output, fp8=fp8)
+    return _adapt(model, output=output, fp8=fp8, fp8_output=fp8_output, fuse_projections=fuse_projections,
+                  attention=attention)
 
 
 def lora_llama3(
@@ -108,12 +126,16 @@ def lora_llama3(
     lora_dropout: float = 0.0,
     output: Output = "logits",
     fp8: bool = False,
+    fp8_output: bool = False,
+    fuse_projections: bool = False,
+    attention: str = "flex",
 ) -> TransformerDecoder:
-    """torchtune's ``lora_llama3`` (any shape: the tiny test models) with ``output`` and ``fp8``."""
+    """torchtune's ``lora_llama3`` (any shape: the tiny test models) with the speed options."""
     from torchtune.models.llama3 import lora_llama3 as build
 
     model = build(lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output, vocab_size=vocab_size,
                   num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, embed_dim=embed_dim,
                   max_seq_len=max_seq_len, intermediate_dim=intermediate_dim, norm_eps=norm_eps, rope_base=rope_base,
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
-    return _adapt(model, output=output, fp8=fp8)
+    return _adapt(model, output=output, fp8=fp8, fp8_output=fp8_output, fuse_projections=fuse_projections,
+                  attention=attention)

@@ -75,6 +75,8 @@ class _Fp8Weights:
     def _fp8_linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:  # a trained weight needs its gradient: plain matmul
             return F.linear(x, self.weight)
+        if "_w_q" not in self._buffers:  # freed when a fused group took this weight over (kobllla.models._fast)
+            self.refresh_fp8()
         return _Fp8FrozenMatmul.apply(x, self._w_q, self._w_scale, self._wt_q, self._wt_scale)
 
 

@@ -1,0 +1,229 @@
+"""Fused frozen-base projections and GQA-native attention for torchtune's Llama 3 layers.
+
+Two options of :func:`kobllla.models.lora_llama3_8b`, both for a frozen base (LoRA), both leaving
+weights, state-dict keys and checkpoints exactly torchtune's:
+
+- ``fuse_projections=True``: q/k/v share their input, and so do the MLP's gate and up
+  projections. Their frozen weights are concatenated once after loading (``[q; k; v]`` of
+  ``[6144, 4096]`` and ``[w1; w3]`` of ``[28672, 4096]`` at 8B), so each group is one matmul
+  forward and one input-gradient matmul backward, instead of three (two) narrower ones and the
+  sums of their input gradients. The separate weights become views of the fused one (no second
+  copy); the LoRA adapters stay separate modules and add their deltas after the split. With
+  ``fp8=True`` the fused weight is the one quantized, and the shared input is quantized once per
+  group instead of once per projection.
+- ``attention="flex_gqa"``: torchtune copies k and v to every query head (``expand`` +
+  ``flatten``, two ``[b, 32, s, 128]`` copies per layer at 8B) before flex attention; here flex
+  attention gets the 8 key/value heads as they are (``enable_gqa=True``), so its backward sums the
+  heads' key/value gradients in the kernel. Without a ``BlockMask`` (unpacked data, CPU) it is
+  SDPA with ``enable_gqa=True``.
+
+A layer falls back to torchtune's own forward whenever the fast path does not apply: a trained
+base weight (full fine-tuning, LoRA with ``fuse`` on a trained k), a KV cache in use, q/k norms,
+cross-attention.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchtune.modules import FeedForward, MultiHeadAttention
+from torchtune.modules.peft import LoRALinear
+
+Attention = Literal["flex", "flex_gqa"]
+
+_FLEX = {}
+
+
+def _flex_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:  # noqa: ANN001
+    """flex attention with GQA; compiled on CUDA (as torchtune compiles its call), eager elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    if "fn" not in _FLEX:
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        # A compiled layer cannot nest another compile: torchtune insulates its flex call the same way.
+        @torch.compiler.disable(recursive=False)
+        def call(q, k, v, block_mask):  # noqa: ANN001, ANN202
+            return compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+        _FLEX["fn"] = call
+    return _FLEX["fn"](q, k, v, block_mask)
+
+
+def _is_block_mask(mask: object) -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError:  # pragma: no cover - torch < 2.5
+        return False
+    return isinstance(mask, BlockMask)
+
+
+def _lora_delta(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """A ``LoRALinear``'s adapter output ``alpha / rank * B A x`` (None for a plain linear or a disabled adapter)."""
+    if not isinstance(module, LoRALinear) or module.disabled:
+        return None
+    return (module.alpha / module.rank) * module.lora_b(module.lora_a(module.dropout(x)))
+
+
+def _frozen(*modules: nn.Module) -> bool:
+    return all(not m.weight.requires_grad for m in modules)
+
+
+class _FusedGroup:
+    """Mixin for a module whose ``_fused_members()`` linears share an input: their weights fused."""
+
+    _fp8 = False
+
+    def _fused_members(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def _init_fused(self, *, fp8: bool) -> None:
+        self._fp8 = fp8
+        self._fused_hook = self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_fused())
+        self.refresh_fused()
+
+    @torch.no_grad()
+    def refresh_fused(self) -> None:
+        """Concatenates the members' weights into ``_w_fused`` and points each member's weight at its rows."""
+        members = self._fused_members()
+        fused = torch.cat([m.weight.detach() for m in members], dim=0)
+        start = 0
+        for m in members:
+            rows = m.weight.shape[0]
+            m.weight.data = fused[start:start + rows]
+            start += rows
+        self.register_buffer("_w_fused", fused, persistent=False)
+        if self._fp8:
+            from kobllla.models._fp8 import quantize_rows
+
+            w_q, w_scale = quantize_rows(fused)
+            wt_q, wt_scale = quantize_rows(fused.t().contiguous())
+            for name, value in (("_w_q", w_q), ("_w_scale", w_scale), ("_wt_q", wt_q), ("_wt_scale", wt_scale)):
+                self.register_buffer(name, value, persistent=False)
+            for m in members:  # their own float8 copies are not used any more: free them
+                for name in ("_w_q", "_w_scale", "_wt_q", "_wt_scale"):
+                    if name in m._buffers:
+                        del m._buffers[name]
+                if hasattr(m, "_fp8_hook"):
+                    m._fp8_hook.remove()
+                    del m._fp8_hook
+
+    def _fused_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fp8:
+            from kobllla.models._fp8 import _Fp8FrozenMatmul
+
+            return _Fp8FrozenMatmul.apply(x, self._w_q, self._w_scale, self._wt_q, self._wt_scale)
+        return F.linear(x, self._w_fused)
+
+
+class FastAttention(_FusedGroup, MultiHeadAttention):
+    """torchtune's ``MultiHeadAttention`` with fused q/k/v and/or GQA-native attention (module docstring)."""
+
+    _fuse = False
+    _attention: Attention = "flex"
+
+    def _fused_members(self) -> list[nn.Module]:
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+    def _fast_path(self, x: torch.Tensor, y: torch.Tensor | None) -> bool:
+        return (y is x and self.q_norm is None and self.k_norm is None
+                and (self.kv_cache is None or not self.cache_enabled))
+
+    def forward(self, x, y=None, *, mask=None, input_pos=None):  # noqa: ANN001, ANN201 - torchtune's signature
+        if not self._fast_path(x, y):
+            return super().forward(x, y, mask=mask, input_pos=input_pos)
+        b, s, _ = x.shape
+        hd, nh, nkv = self.head_dim, self.num_heads, self.num_kv_heads
+        if self._fuse and _frozen(self.q_proj, self.k_proj, self.v_proj):
+            parts = list(self._fused_matmul(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1))
+            for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+                delta = _lora_delta(proj, x)
+                if delta is not None:
+                    parts[i] = parts[i] + delta
+            q, k, v = parts
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(b, s, nh, hd)
+        k = k.reshape(b, s, nkv, hd)
+        v = v.reshape(b, s, nkv, hd)
+        if self.pos_embeddings is not None:
+            q = self.pos_embeddings(q, input_pos=input_pos)
+            k = self.pos_embeddings(k, input_pos=input_pos)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self._attention == "flex_gqa":
+            out = self._attend_gqa(q, k, v, mask)
+        else:
+            if nh != nkv:  # torchtune's layout: every query head gets its own copy of k and v
+                shape = (b, nkv, nh // nkv, -1, hd)
+                k = k.unsqueeze(2).expand(shape).flatten(1, 2)
+                v = v.unsqueeze(2).expand(shape).flatten(1, 2)
+            out = self._attention_call(q, k, v, mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
+                                       is_causal=self.kv_cache is None and mask is None and self.is_causal)
+        return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def _attend_gqa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:  # noqa: ANN001
+        dropout = self.attn_dropout if self.training else 0.0
+        if _is_block_mask(mask):
+            if dropout > 0.0:
+                raise ValueError("flex attention does not support dropout; set attn_dropout to 0.0")
+            return _flex_gqa(q, k, v, mask)
+        if mask is not None:
+            mask = mask[:, None, :, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                              is_causal=self.kv_cache is None and mask is None and self.is_causal,
+                                              enable_gqa=True)
+
+
+class FusedFeedForward(_FusedGroup, FeedForward):
+    """torchtune's ``FeedForward`` with the gate and up projections as one matmul (module docstring)."""
+
+    def _fused_members(self) -> list[nn.Module]:
+        return [self.w1, self.w3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _frozen(self.w1, self.w3):
+            return super().forward(x)
+        gate, up = self._fused_matmul(x).chunk(2, dim=-1)
+        d1, d3 = _lora_delta(self.w1, x), _lora_delta(self.w3, x)
+        if d1 is not None:
+            gate = gate + d1
+        if d3 is not None:
+            up = up + d3
+        return self.w2(self.activation(gate) * up)
+
+
+def apply_fast_layers(model: nn.Module, *, fuse_projections: bool, attention: Attention, fp8: bool) -> None:
+    """Swaps the model's attention and MLP modules for the classes above, in place.
+
+    Raises:
+        ValueError: an unknown ``attention``; ``fuse_projections`` on an MLP without an up projection
+            or with biases or NF4 bases.
+    """
+    if attention not in ("flex", "flex_gqa"):
+        raise ValueError(f"model.attention must be 'flex' or 'flex_gqa', got {attention!r}")
+    for name, module in model.named_modules():
+        if isinstance(module, MultiHeadAttention) and (fuse_projections or attention != "flex"):
+            module.__class__ = FastAttention
+            module._attention = attention
+            if fuse_projections:
+                _check_fusable(name, module._fused_members())
+                module._fuse = True
+                module._init_fused(fp8=fp8)
+        elif isinstance(module, FeedForward) and fuse_projections:
+            if module.w3 is None:
+                raise ValueError(f"fuse_projections: {name} has no up projection (w3) to fuse with its gate")
+            _check_fusable(name, [module.w1, module.w3])
+            module.__class__ = FusedFeedForward
+            module._init_fused(fp8=fp8)
+
+
+def _check_fusable(name: str, members: list[nn.Module]) -> None:
+    for m in members:
+        if getattr(m, "bias", None) is not None or getattr(m, "_quantize_base", False):
+            raise ValueError(f"fuse_projections: {name} has a bias or an NF4 base; only plain bias-free linears fuse "
+                             "(set fuse_projections: False)")

@@ -6,7 +6,8 @@ per-layer ``compile``) on CUDA with events, on packed document masks (torchtune'
 (``--packs``, the ``packs.npz`` of bench/train_gpu.py) or drawn log-normal. Variants:
 
 - layers: kobllla.models' options (``stock`` = torchtune's layer, ``fuse`` = fused q/k/v and gate/up,
-  ``gqa`` = flex attention on the 8 kv heads, ``fp8`` = float8 base matmuls, and their combinations);
+  ``inline`` = flex attention traced into the layer's graph, ``fp8`` = float8 base matmuls, and their
+  combinations);
 - attention alone: torchtune's call (k/v copied to 32 heads, compiled flex), flex with GQA,
   ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 kernels, per-document lengths) and,
   as a reference without document masking, SDPA causal (flash, cuDNN);
@@ -36,12 +37,15 @@ SHAPE = dict(vocab_size=1024, num_layers=1, num_heads=32, num_kv_heads=8, embed_
              intermediate_dim=14336, norm_eps=1e-5, rope_base=500_000, lora_rank=8, lora_alpha=16)
 LAYER_VARIANTS = {
     "stock": {},
-    "gqa": dict(attention="flex_gqa"),
+    "inline": dict(attention="flex_inline"),
     "fuse": dict(fuse_projections=True),
-    "fuse+gqa": dict(fuse_projections=True, attention="flex_gqa"),
+    "fuse+inline": dict(fuse_projections=True, attention="flex_inline"),
     "fp8": dict(fp8=True),
     "fp8+fuse": dict(fp8=True, fuse_projections=True),
-    "fp8+fuse+gqa": dict(fp8=True, fuse_projections=True, attention="flex_gqa"),
+    "fp8+fuse+inline": dict(fp8=True, fuse_projections=True, attention="flex_inline"),
+    # CUDA graphs last: the option switches inductor's cudagraphs on for the rest of the process
+    "inline+graphs": dict(attention="flex_inline", cuda_graphs=True),
+    "fp8+fuse+inline+graphs": dict(fp8=True, fuse_projections=True, attention="flex_inline", cuda_graphs=True),
 }
 
 
@@ -122,9 +126,13 @@ def layer_variant_ms(name: str, opts: dict, masks: list, *, iters: int) -> dict:
     grad = torch.randn_like(h) * 1e-3
     state = {"i": 0}
 
+    graphs = opts.get("cuda_graphs", False)
+
     def step():
         mask, pos, _ = masks[state["i"] % len(masks)]
         state["i"] += 1
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         out = layer(h, mask=mask, input_pos=pos)
         out.backward(grad)
 
@@ -149,9 +157,13 @@ def profile(step, path: Path) -> None:
 
 
 def attention_ms(masks: list, *, iters: int) -> dict:
+    from torch.nn.attention.flex_attention import flex_attention
     from torchtune.modules.attention_utils import _sdpa_or_flex_attention
 
-    from kobllla.models._fast import _flex_gqa
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def _flex_gqa(q, k, v, m):
+        return compiled(q, k, v, block_mask=m, enable_gqa=True)
 
     q = torch.randn(1, 32, 4096, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -287,7 +299,7 @@ def main() -> int:
         res["layer_ms"][name] = {"ms": r["ms"], "first_call_s": r["first_call_s"],
                                  "x32_layers_ms": 32 * r["ms"]}
         print("layer", name, res["layer_ms"][name], flush=True)
-        if name in ("stock", "fp8+fuse+gqa"):
+        if name in ("stock", "fp8+fuse+inline", "inline+graphs"):
             profile(r["step"], out / f"profile_{name.replace('+', '_')}.txt")
         del r
         torch.cuda.empty_cache()

@@ -1,4 +1,4 @@
-"""Fused q/k/v and gate/up projections and GQA-native attention, against torchtune's own layers.
+"""Fused q/k/v and gate/up projections and in-graph flex attention, against torchtune's own layers.
 
 Reference: torchtune 0.6.1's ``lora_llama3`` with the same weights and batch (fp32: same values to
 rounding; the fused matmul sums in another order). Packed batches go through flex attention with
@@ -57,8 +57,8 @@ def _packed_batch():
     return padded_collate_packed(packs)
 
 
-@pytest.mark.parametrize("ours", [dict(fuse_projections=True), dict(attention="flex_gqa"),
-                                  dict(fuse_projections=True, attention="flex_gqa")])
+@pytest.mark.parametrize("ours", [dict(fuse_projections=True), dict(attention="flex_inline"),
+                                  dict(fuse_projections=True, attention="flex_inline")])
 def test_fast_layers_match_torchtune_in_output_and_every_adapter_gradient(ours):
     ref, mine = _pair(**ours)
     tokens = torch.randint(0, SHAPE["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(2))
@@ -70,9 +70,9 @@ def test_fast_layers_match_torchtune_in_output_and_every_adapter_gradient(ours):
         assert _rel(got_grads[name], g) < 1e-4, name
 
 
-def test_packed_batch_uses_torchtunes_document_mask_with_gqa_attention():
+def test_packed_batch_uses_torchtunes_document_mask():
     batch = _packed_batch()
-    ref, mine = _pair(fuse_projections=True, attention="flex_gqa")
+    ref, mine = _pair(fuse_projections=True, attention="flex_inline")
     kw = dict(mask=batch["mask"], input_pos=batch["input_pos"])
     want, want_grads = _step(ref, batch["tokens"], **kw)
     got, got_grads = _step(mine, batch["tokens"], **kw)
@@ -117,7 +117,7 @@ def test_fp8_fused_groups_quantize_once_and_track_bf16():
     shape = {**SHAPE, "embed_dim": 128, "num_heads": 4, "num_kv_heads": 2, "intermediate_dim": 256}
     ref = models.lora_llama3(["q_proj", "v_proj"], **shape).to(torch.bfloat16)
     mine = models.lora_llama3(["q_proj", "v_proj"], **shape, fp8=True, fuse_projections=True,
-                              attention="flex_gqa").to(torch.bfloat16)
+                              attention="flex_inline").to(torch.bfloat16)
     mine.load_state_dict(ref.state_dict())
     for m in (ref, mine):
         set_trainable_params(m, get_adapter_params(m))
@@ -130,7 +130,7 @@ def test_fp8_fused_groups_quantize_once_and_track_bf16():
 
 
 def test_bad_fast_options_are_refused_with_the_fix():
-    with pytest.raises(ValueError, match=r"model.attention must be 'flex' or 'flex_gqa', got 'sdpa'"):
+    with pytest.raises(ValueError, match=r"model.attention must be 'flex' or 'flex_inline', got 'sdpa'"):
         models.lora_llama3(["q_proj"], **SHAPE, attention="sdpa")
     with pytest.raises(ValueError, match=r"model.fp8_output needs model.fp8: True"):
         models.lora_llama3(["q_proj"], **SHAPE, fp8_output=True)
@@ -138,9 +138,10 @@ def test_bad_fast_options_are_refused_with_the_fix():
         models.lora_llama3(["q_proj"], **SHAPE, fp8=True, fp8_output=True, output="hidden")
 
 
-def test_flex_gqa_on_a_block_mask_equals_torchtune_on_the_same_dense_mask():
+def test_inline_flex_on_a_block_mask_equals_torchtune_on_the_same_dense_mask(monkeypatch):
     """CPU torchtune builds a dense mask for packs (its BlockMask path is CUDA-only); the same
-    document mask as a flex ``BlockMask`` through ``attention="flex_gqa"`` gives the same outputs."""
+    document mask as a flex ``BlockMask`` through ``attention="flex_inline"``'s in-graph call (taken
+    when compiling; here forced, eager) gives the same outputs."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch = _packed_batch()
@@ -153,10 +154,12 @@ def test_flex_gqa_on_a_block_mask_equals_torchtune_on_the_same_dense_mask():
         return (q >= kv) & (docs[b, q] == docs[b, kv])
 
     block = create_block_mask(mask_mod, 2, None, 32, 32, device="cpu")
-    ref, mine = _pair(fuse_projections=True, attention="flex_gqa")
+    ref, mine = _pair(fuse_projections=True, attention="flex_inline")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with torch.no_grad():  # flex attention has no CPU backward (torch 2.13); the GPU benchmark trains through it
         want = ref(batch["tokens"], mask=dense, input_pos=batch["input_pos"])
         got = mine(batch["tokens"], mask=block, input_pos=batch["input_pos"])
+        monkeypatch.undo()
         unmasked = mine(batch["tokens"], input_pos=batch["input_pos"])
     assert _rel(got, want) < 1e-5
     assert _rel(unmasked, want) > 1e-2

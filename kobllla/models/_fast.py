@@ -1,4 +1,4 @@
-"""Fused frozen-base projections and GQA-native attention for torchtune's Llama 3 layers.
+"""Fused frozen-base projections and in-graph flex attention for torchtune's Llama 3 layers.
 
 Two options of :func:`kobllla.models.lora_llama3_8b`, both for a frozen base (LoRA), both leaving
 weights, state-dict keys and checkpoints exactly torchtune's:
@@ -11,11 +11,15 @@ weights, state-dict keys and checkpoints exactly torchtune's:
   copy); the LoRA adapters stay separate modules and add their deltas after the split. With
   ``fp8=True`` the fused weight is the one quantized, and the shared input is quantized once per
   group instead of once per projection.
-- ``attention="flex_gqa"``: torchtune copies k and v to every query head (``expand`` +
-  ``flatten``, two ``[b, 32, s, 128]`` copies per layer at 8B) before flex attention; here flex
-  attention gets the 8 key/value heads as they are (``enable_gqa=True``), so its backward sums the
-  heads' key/value gradients in the kernel. Without a ``BlockMask`` (unpacked data, CPU) it is
-  SDPA with ``enable_gqa=True``.
+- ``attention="flex_inline"``: torchtune calls flex attention through a separately compiled
+  function behind ``torch.compiler.disable``, so a compiled layer is three graphs forward and three
+  backward, each with its own guards and launch overhead on the CPU. Here, inside a compiled layer,
+  ``flex_attention`` is traced into the layer's own graph (same math, same k/v layout); outside
+  one it is torchtune's call. Measured on one H200 (docs/benchmarks.md): the 8B step is bound by
+  the CPU launching the layers' kernels, not by the GPU running them.
+  (Flex attention on the 8 kv heads as they are, ``enable_gqa=True``, was measured too: its
+  backward kernel took 812 us against 597 us on torchtune's per-query-head copies, so it is not
+  offered.)
 
 A layer falls back to torchtune's own forward whenever the fast path does not apply: a trained
 base weight (full fine-tuning, LoRA with ``fuse`` on a trained k), a KV cache in use, q/k norms,
@@ -32,27 +36,7 @@ from torch import nn
 from torchtune.modules import FeedForward, MultiHeadAttention
 from torchtune.modules.peft import LoRALinear
 
-Attention = Literal["flex", "flex_gqa"]
-
-_FLEX = {}
-
-
-def _flex_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:  # noqa: ANN001
-    """flex attention with GQA; compiled on CUDA (as torchtune compiles its call), eager elsewhere."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if not q.is_cuda:
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
-    if "fn" not in _FLEX:
-        compiled = torch.compile(flex_attention, dynamic=False)
-
-        # A compiled layer cannot nest another compile: torchtune insulates its flex call the same way.
-        @torch.compiler.disable(recursive=False)
-        def call(q, k, v, block_mask):  # noqa: ANN001, ANN202
-            return compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
-
-        _FLEX["fn"] = call
-    return _FLEX["fn"](q, k, v, block_mask)
+Attention = Literal["flex", "flex_inline"]
 
 
 def _is_block_mask(mask: object) -> bool:
@@ -122,7 +106,7 @@ class _FusedGroup:
 
 
 class FastAttention(_FusedGroup, MultiHeadAttention):
-    """torchtune's ``MultiHeadAttention`` with fused q/k/v and/or GQA-native attention (module docstring)."""
+    """torchtune's ``MultiHeadAttention`` with fused q/k/v and/or in-graph flex attention (module docstring)."""
 
     _fuse = False
     _attention: Attention = "flex"
@@ -155,28 +139,20 @@ class FastAttention(_FusedGroup, MultiHeadAttention):
             q = self.pos_embeddings(q, input_pos=input_pos)
             k = self.pos_embeddings(k, input_pos=input_pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self._attention == "flex_gqa":
-            out = self._attend_gqa(q, k, v, mask)
+        if nh != nkv:  # torchtune's layout: every query head gets its own copy of k and v
+            shape = (b, nkv, nh // nkv, -1, hd)
+            k = k.unsqueeze(2).expand(shape).flatten(1, 2)
+            v = v.unsqueeze(2).expand(shape).flatten(1, 2)
+        if self._attention == "flex_inline" and _is_block_mask(mask) and torch.compiler.is_compiling():
+            from torch.nn.attention.flex_attention import flex_attention
+
+            if self.training and self.attn_dropout > 0.0:
+                raise ValueError("flex attention does not support dropout; set attn_dropout to 0.0")
+            out = flex_attention(q, k, v, block_mask=mask)
         else:
-            if nh != nkv:  # torchtune's layout: every query head gets its own copy of k and v
-                shape = (b, nkv, nh // nkv, -1, hd)
-                k = k.unsqueeze(2).expand(shape).flatten(1, 2)
-                v = v.unsqueeze(2).expand(shape).flatten(1, 2)
             out = self._attention_call(q, k, v, mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
                                        is_causal=self.kv_cache is None and mask is None and self.is_causal)
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
-
-    def _attend_gqa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:  # noqa: ANN001
-        dropout = self.attn_dropout if self.training else 0.0
-        if _is_block_mask(mask):
-            if dropout > 0.0:
-                raise ValueError("flex attention does not support dropout; set attn_dropout to 0.0")
-            return _flex_gqa(q, k, v, mask)
-        if mask is not None:
-            mask = mask[:, None, :, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                              is_causal=self.kv_cache is None and mask is None and self.is_causal,
-                                              enable_gqa=True)
 
 
 class FusedFeedForward(_FusedGroup, FeedForward):
@@ -204,8 +180,8 @@ def apply_fast_layers(model: nn.Module, *, fuse_projections: bool, attention: At
         ValueError: an unknown ``attention``; ``fuse_projections`` on an MLP without an up projection
             or with biases or NF4 bases.
     """
-    if attention not in ("flex", "flex_gqa"):
-        raise ValueError(f"model.attention must be 'flex' or 'flex_gqa', got {attention!r}")
+    if attention not in ("flex", "flex_inline"):
+        raise ValueError(f"model.attention must be 'flex' or 'flex_inline', got {attention!r}")
     for name, module in model.named_modules():
         if isinstance(module, MultiHeadAttention) and (fuse_projections or attention != "flex"):
             module.__class__ = FastAttention

@@ -43,9 +43,6 @@ LAYER_VARIANTS = {
     "fp8": dict(fp8=True),
     "fp8+fuse": dict(fp8=True, fuse_projections=True),
     "fp8+fuse+inline": dict(fp8=True, fuse_projections=True, attention="flex_inline"),
-    # CUDA graphs last: the option switches inductor's cudagraphs on for the rest of the process
-    "inline+graphs": dict(attention="flex_inline", cuda_graphs=True),
-    "fp8+fuse+inline+graphs": dict(fp8=True, fuse_projections=True, attention="flex_inline", cuda_graphs=True),
 }
 
 
@@ -126,13 +123,9 @@ def layer_variant_ms(name: str, opts: dict, masks: list, *, iters: int) -> dict:
     grad = torch.randn_like(h) * 1e-3
     state = {"i": 0}
 
-    graphs = opts.get("cuda_graphs", False)
-
     def step():
         mask, pos, _ = masks[state["i"] % len(masks)]
         state["i"] += 1
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
         out = layer(h, mask=mask, input_pos=pos)
         out.backward(grad)
 
@@ -299,7 +292,7 @@ def main() -> int:
         res["layer_ms"][name] = {"ms": r["ms"], "first_call_s": r["first_call_s"],
                                  "x32_layers_ms": 32 * r["ms"]}
         print("layer", name, res["layer_ms"][name], flush=True)
-        if name in ("stock", "fp8+fuse+inline", "inline+graphs"):
+        if name in ("stock", "fp8+fuse+inline"):
             profile(r["step"], out / f"profile_{name.replace('+', '_')}.txt")
         del r
         torch.cuda.empty_cache()

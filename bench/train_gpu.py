@@ -358,19 +358,15 @@ VARIANTS: dict[str, tuple[str, dict, str] | None] = {
     # kobllla.models._fast: fused q/k/v and gate/up frozen matmuls, flex attention in the layer's graph
     "fast": ("kobllla.models.lora_llama3_8b", {"fuse_projections": True, "attention": "flex_inline"},
              "torchtune.modules.loss.CEWithChunkedOutputLoss"),
-    # the compiled layers replayed as CUDA graphs (the 8B step is bound by the CPU's kernel launches)
-    "graphs": ("kobllla.models.lora_llama3_8b", {"cuda_graphs": True},
+    "inline": ("kobllla.models.lora_llama3_8b", {"attention": "flex_inline"},
                "torchtune.modules.loss.CEWithChunkedOutputLoss"),
-    "graphs_inline": ("kobllla.models.lora_llama3_8b", {"cuda_graphs": True, "attention": "flex_inline"},
-                      "torchtune.modules.loss.CEWithChunkedOutputLoss"),
-    "fp8graphs": ("kobllla.models.lora_llama3_8b",
-                  {"fp8": True, "fuse_projections": True, "attention": "flex_inline", "cuda_graphs": True},
-                  "torchtune.modules.loss.CEWithChunkedOutputLoss"),
+    "fp8fast": ("kobllla.models.lora_llama3_8b", {"fp8": True, "fuse_projections": True, "attention": "flex_inline"},
+                "torchtune.modules.loss.CEWithChunkedOutputLoss"),
     "fp8all": ("kobllla.models.lora_llama3_8b",
                {"fp8": True, "fp8_output": True, "fuse_projections": True, "attention": "flex_inline"},
                "torchtune.modules.loss.CEWithChunkedOutputLoss"),
 }
-SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention", "cuda_graphs")
+SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention")
 
 
 def apply_variant(cfg: dict, variant: str, *, tiny: bool) -> None:

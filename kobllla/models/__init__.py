@@ -12,10 +12,6 @@
 - ``fuse_projections=True``: q/k/v as one frozen matmul, gate/up as one (``kobllla.models._fast``).
 - ``attention="flex_inline"``: flex attention traced into each compiled layer's graph instead of
   torchtune's separately compiled call (one graph per layer, not three; ``kobllla.models._fast``).
-- ``cuda_graphs=True``: the compiled layers (``compile: True``) replay as CUDA graphs (inductor's
-  ``triton.cudagraphs``, what ``mode="reduce-overhead"`` sets; torchtune's recipes compile with the
-  default mode and no way to pass one), and every forward begins a new CUDA-graph step. For the
-  8B step, whose time is the CPU launching kernels, not the GPU running them.
 
 Weights, state-dict keys and checkpoints are torchtune's: a checkpoint saved by a run with
 either option loads into the stock builder and vice versa.
@@ -57,14 +53,8 @@ class HiddenStateDecoder(TransformerDecoder):
         )
 
 
-def _new_cuda_graph_step(_module, _args) -> None:  # noqa: ANN001
-    import torch
-
-    torch.compiler.cudagraph_mark_step_begin()
-
-
 def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool, fp8_output: bool = False,
-           fuse_projections: bool = False, attention: str = "flex", cuda_graphs: bool = False) -> TransformerDecoder:
+           fuse_projections: bool = False, attention: str = "flex") -> TransformerDecoder:
     if output not in ("logits", "hidden"):
         raise ValueError(f"model.output must be 'logits' or 'hidden', got {output!r}")
     if fp8_output and not fp8:
@@ -87,11 +77,6 @@ def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool, fp8_output: 
         from kobllla.models._fast import apply_fast_layers
 
         apply_fast_layers(model, fuse_projections=fuse_projections, attention=attention, fp8=fp8)
-    if cuda_graphs:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.triton.cudagraphs = True
-        model.register_forward_pre_hook(_new_cuda_graph_step)
     return model
 
 
@@ -108,7 +93,6 @@ def lora_llama3_8b(
     fp8_output: bool = False,
     fuse_projections: bool = False,
     attention: str = "flex",
-    cuda_graphs: bool = False,
 ) -> TransformerDecoder:
     """torchtune's ``lora_llama3_8b`` with the speed options (see the module docstring).
 
@@ -120,7 +104,7 @@ def lora_llama3_8b(
     model = build(lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     return _adapt(model, output=output, fp8=fp8, fp8_output=fp8_output, fuse_projections=fuse_projections,
-                  attention=attention, cuda_graphs=cuda_graphs)
+                  attention=attention)
 
 
 def lora_llama3(
@@ -145,7 +129,6 @@ def lora_llama3(
     fp8_output: bool = False,
     fuse_projections: bool = False,
     attention: str = "flex",
-    cuda_graphs: bool = False,
 ) -> TransformerDecoder:
     """torchtune's ``lora_llama3`` (any shape: the tiny test models) with the speed options."""
     from torchtune.models.llama3 import lora_llama3 as build
@@ -155,4 +138,4 @@ def lora_llama3(
                   max_seq_len=max_seq_len, intermediate_dim=intermediate_dim, norm_eps=norm_eps, rope_base=rope_base,
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     return _adapt(model, output=output, fp8=fp8, fp8_output=fp8_output, fuse_projections=fuse_projections,
-                  attention=attention, cuda_graphs=cuda_graphs)
+                  attention=attention)

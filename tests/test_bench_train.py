@@ -150,7 +150,8 @@ def test_variants_swap_only_the_model_and_loss_components(tmp_path):
     shipped = bench.write_recipe_config(tmp_path / "s.yaml", preset="llama3-8b", **common)
     stock = bench.write_recipe_config(tmp_path / "a.yaml", preset="llama3-8b", variant="stock", **common)
     fp8 = bench.write_recipe_config(tmp_path / "b.yaml", preset="llama3-8b", variant="fp8", **common)
-    lora = {k: v for k, v in shipped["model"].items() if k not in ("_component_", "output", "fp8")}
+    lora = {k: v for k, v in shipped["model"].items() if k not in ("_component_", *bench.SPEED_KEYS)}
+    assert "lora_rank" in lora and "attention" not in lora
     assert stock["model"] == {"_component_": "torchtune.models.llama3.lora_llama3_8b", **lora}
     assert stock["loss"] == {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"}
     assert fp8["model"] == {"_component_": "kobllla.models.lora_llama3_8b", **lora, "output": "hidden", "fp8": True}

@@ -305,7 +305,7 @@ def check_hashes(out: Path, instruct: Path) -> list[bool]:
         return [got == e["sha256"] for got, e in zip(pool.map(digest, files), entries, strict=True)]
 
 
-def cold(work: Path, out_dir: Path, preset: str, budget_s: float, drop: bool, ab_prefetch: bool = False) -> None:
+def cold(work: Path, out_dir: Path, preset: str, budget_s: float, drop: bool) -> None:
     import time
 
     t0 = time.perf_counter()
@@ -318,16 +318,10 @@ def cold(work: Path, out_dir: Path, preset: str, budget_s: float, drop: bool, ab
     out = out_dir / "cv-out"
     runs = [("default, cold", [], True), ("--no-hash --workers 8, cold", ["--no-hash", "--workers", "8"], True),
             ("default, warm", [], False)]
-    if ab_prefetch:  # the input prefetch during torch's import (kobllla.prefetch) on and off, alternated
-        runs = [(f"{label}, {i}", [], True) for i in (1, 2)
-                for label in ("default, cold", "default, cold, KOBLLLA_PREFETCH=0")]
     for label, extra, want_cold in runs:
         if time.perf_counter() - t0 > budget_s:
             print(json.dumps({label: "skipped: out of time"}), flush=True)
             continue
-        os.environ.pop("KOBLLLA_PREFETCH", None)
-        if "KOBLLLA_PREFETCH=0" in label:
-            os.environ["KOBLLLA_PREFETCH"] = "0"
         shutil.rmtree(out, ignore_errors=True)
         dropped = drop_caches() if want_cold and drop else None
         r = measured(base + ["--out", str(out)] + extra, work / "run.log")
@@ -348,10 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--preset", default="llama3-8b")
         p.add_argument("--budget-s", type=float, default=150.0, help="start no run after this many seconds")
         p.add_argument("--keep-caches", action="store_true", help="do not drop the page cache (a shared machine)")
-        p.add_argument("--ab-prefetch", action="store_true",
-                       help="instead: the default command cold with the input prefetch on and off, twice, alternated")
         a = p.parse_args(argv[1:])
-        cold(a.work, a.out_dir, a.preset, a.budget_s, not a.keep_caches, a.ab_prefetch)
+        cold(a.work, a.out_dir, a.preset, a.budget_s, not a.keep_caches)
         return 0
     if argv and argv[0] == "naive":
         naive(*(Path(a) for a in argv[1:5]))

@@ -28,39 +28,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from kobllla.chat_vector import (
+    EMBEDDING_POLICIES,
+    OUT_DTYPES,
+    ChatVectorOptions,
+    ChatVectorResult,
+    apply_chat_vector,
+    extract_chat_vector,
+    merge_chat_vector,
+)
 from kobllla.cli import make_parser, run
-from kobllla.prefetch import Prefetch, checkpoint_files, prefetch_files
-
-if TYPE_CHECKING:
-    from kobllla.chat_vector import ChatVectorOptions, ChatVectorResult
-
-# kobllla.chat_vector (and so torch) is imported only after the inputs' prefetch has started: a cold
-# start spends ~4.5 s importing torch, time in which the disk can already read the inputs.
-INPUT_FLAGS = ("--base", "--instruct", "--target", "--vector")
-
-
-class _SilentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: ANN201 - argparse's hook; raise instead of printing usage
-        raise ValueError(message)
-
-
-def _start_prefetch(argv: list[str]) -> Prefetch:
-    """Starts reading the input checkpoints into the page cache (stdlib only, before torch loads)."""
-    pre = _SilentParser(add_help=False, allow_abbrev=False)
-    for flag in INPUT_FLAGS:
-        pre.add_argument(flag, type=Path)
-    try:
-        known, _ = pre.parse_known_args(argv)
-    except ValueError:  # a malformed command line: the real parser reports it
-        known = argparse.Namespace(**{f[2:]: None for f in INPUT_FLAGS})
-    return prefetch_files(checkpoint_files([known.base, known.instruct, known.target, known.vector]))
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kobllla.chat_vector import EMBEDDING_POLICIES, OUT_DTYPES
-
     p = make_parser(__doc__, prog="python -m tools.chat_vector")
     p.add_argument("--base", type=Path, help="model the instruct model was tuned from")
     p.add_argument("--instruct", type=Path, help="the chat model whose chat ability is transferred")
@@ -109,8 +90,6 @@ def _mode(args: argparse.Namespace) -> str:
 
 
 def _options(args: argparse.Namespace) -> ChatVectorOptions:
-    from kobllla.chat_vector import ChatVectorOptions
-
     return ChatVectorOptions(ratio=args.ratio, embeddings=args.embeddings, dtype=args.dtype,
                              vector_dtype=args.vector_dtype, overwrite=args.overwrite,
                              max_shard_bytes=int(args.max_shard_gb * 2**30), workers=args.workers,
@@ -118,8 +97,6 @@ def _options(args: argparse.Namespace) -> ChatVectorOptions:
 
 
 def _run(args: argparse.Namespace, mode: str) -> ChatVectorResult:
-    from kobllla.chat_vector import apply_chat_vector, extract_chat_vector, merge_chat_vector
-
     options = _options(args)
     if mode == "extract":
         return extract_chat_vector(base=args.base, instruct=args.instruct, out=args.save_vector, options=options)
@@ -143,12 +120,7 @@ def _report(args: argparse.Namespace, mode: str, result: ChatVectorResult) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    prefetch = _start_prefetch(argv)
-    try:
-        args = _parser().parse_args(argv)  # imports torch; the prefetch stops before the merge's own reads
-    finally:
-        prefetch.stop()
+    args = _parser().parse_args(argv)
 
     def work() -> None:
         mode = _mode(args)

@@ -7,8 +7,14 @@ torchtune's own document mask; unpacked ones through SDPA.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from torchtune.models.llama3 import lora_llama3
 from torchtune.modules.peft import get_adapter_params, get_merged_lora_ckpt, set_trainable_params
 
@@ -163,3 +169,33 @@ def test_inline_flex_on_a_block_mask_equals_torchtune_on_the_same_dense_mask(mon
         unmasked = mine(batch["tokens"], input_pos=batch["input_pos"])
     assert _rel(got, want) < 1e-5
     assert _rel(unmasked, want) > 1e-2
+
+
+@pytest.mark.integration  # two real `tune run`s through tools.tune_cpu (~25 CPU-s)
+def test_recipe_with_fused_groups_and_checkpointing_saves_the_same_merged_model(tmp_path, tiny_base):
+    """The stock single-device recipe, activation checkpointing on, full merged save: torchtune's model
+    and the fused one (views of the fused weights in the state dict) train and save the same model."""
+    repo = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(repo))
+    from bench.train_gpu import write_recipe_config
+
+    files = sorted(p.name for p in tiny_base.glob("*.safetensors"))
+    out = {}
+    for variant in ("stock", "fast"):
+        run = tmp_path / variant
+        cfg = write_recipe_config(run / "c.yaml", model_dir=tiny_base, files=files,
+                                  csv_path=repo / "tests/assets/kowiki_tiny.csv", run_dir=run, preset="tiny",
+                                  seq_len=64, batch_size=2, steps=3, compile_model=False, device="cpu", dtype="fp32",
+                                  variant=variant)
+        cfg.update(enable_activation_checkpointing=True, save_adapter_weights_only=False,
+                   metric_logger={"_component_": "torchtune.training.metric_logging.DiskLogger",
+                                  "log_dir": str(run / "logs")})
+        (run / "c.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)), encoding="utf-8")
+        proc = subprocess.run([sys.executable, "-m", "tools.tune_cpu", "lora_finetune_single_device", "--config",
+                               str(run / "c.yaml")], cwd=repo, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        shard = next((run / "out" / "epoch_0").glob("model-*.safetensors"))
+        out[variant] = load_file(shard)
+    assert out["stock"].keys() == out["fast"].keys()
+    for k, v in out["stock"].items():
+        torch.testing.assert_close(out["fast"][k], v, rtol=1e-5, atol=1e-6, msg=k)

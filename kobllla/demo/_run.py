@@ -138,7 +138,9 @@ def run_demo(run_dir: Path, *, force: bool = False, seed: int = 0, config_dir: P
     Args:
         run_dir (Path): where every stage's output, the evaluation and the report go.
         force (bool): redo every stage even if its output is complete.
-        seed (int): the mini model's init seed and every recipe's ``seed`` (data order).
+        seed (int): the mini model's init seed and every recipe's ``seed`` (torch's RNG: LoRA's init).
+            Not the data order: torchtune 0.6.1's recipes seed their sampler with 0, so every seed
+            sees the same batches in the same order.
         config_dir (Path): the demo's torchtune YAMLs (``configs/demo`` of the repository).
 
     Returns:

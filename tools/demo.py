@@ -2,7 +2,7 @@
 
     python -m tools.demo --run-dir runs/demo             # what `make demo` runs (from the repository root)
     python -m tools.demo --run-dir runs/demo --force     # redo every stage
-    python -m tools.demo --run-dir runs/demo-s1 --seed 1 # the same method from another random init and data order
+    python -m tools.demo --run-dir runs/demo-s1 --seed 1 # the same method from another random init
 
 Stages: a mini base pretrained from scratch, English-first with ~8 % Korean tokens, and its
 instruct sibling (English Q/A); stage 1 LoRA on Korean (konlpy's Constitution + bills); the chat

@@ -14,9 +14,12 @@ in its own process on the same GPU, on the same packs of Korean text:
    ``position_ids``, SDPA), same LoRA targets (q, v, r 8, alpha 16), AdamW, bf16, eager.
 
 ``--variants stock,fused,fp8`` runs ours once per component set instead (``VARIANTS``: torchtune's
-model and loss; kobllla's fused output projection + loss; that plus float8 base matmuls), same packs,
-same seed, and compares each run's per-step losses with the first's (``loss_agreement``);
-``--loss-micro`` also times the output projection + loss alone (torchtune's, kobllla's, Liger's).
+model and loss; kobllla's fused output projection + loss; float8 base matmuls; ``inline``/``fast``/
+``fp8fast``/``fp8all`` with kobllla.models' in-graph flex attention, fused q/k/v and gate/up and a
+float8 output), same packs, same seed, and compares each run's per-step losses with the first's
+(``loss_agreement``); ``--loss-micro`` also times the output projection + loss alone (torchtune's,
+kobllla's, Liger's). ``--grad-accum N`` accumulates N packs per optimizer step (the recipe syncs
+with the host once per optimizer step; the shipped config accumulates 128).
 
 It prints, and writes to ``OUT/results.json`` and ``OUT/summary.md``: useful (trained, non-padding)
 tokens/s/GPU in steady state, MFU, peak GiB, start-up time to the first step, padding share and
@@ -407,7 +410,7 @@ def loss_agreement(losses: dict[str, list[float]], *, reference: str, first: int
 
 def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_path: Path, run_dir: Path,
                         preset: str, seq_len: int, batch_size: int, steps: int, compile_model: bool,
-                        device: str, dtype: str, variant: str = "shipped") -> dict:
+                        device: str, dtype: str, variant: str = "shipped", grad_accum: int = 1) -> dict:
     """The shipped single-device stage-1 config with the benchmark's overrides, written as YAML.
 
     ``variant`` (one of ``VARIANTS``) swaps the model and loss components: ``shipped`` keeps the
@@ -426,7 +429,7 @@ def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_pa
     if preset == "tiny":
         cfg["model"] = tiny_model_block()
     apply_variant(cfg, variant, tiny=preset == "tiny")
-    cfg.update(batch_size=batch_size, gradient_accumulation_steps=1, epochs=1, max_steps_per_epoch=steps,
+    cfg.update(batch_size=batch_size, gradient_accumulation_steps=grad_accum, epochs=1, max_steps_per_epoch=steps,
                compile=compile_model, enable_activation_checkpointing=False, save_adapter_weights_only=True,
                log_every_n_steps=1, log_peak_memory_stats=True, device=device, dtype=dtype)
     cfg["optimizer"]["fused"] = device == "cuda"
@@ -703,10 +706,12 @@ def _ours_run(name: str, *, args: argparse.Namespace, ctx: dict, batch_size: int
     write_recipe_config(cfg_path, model_dir=ctx["model_dir"], files=ctx["files"], csv_path=ctx["csv"], run_dir=run_dir,
                         preset=args.preset, seq_len=args.seq_len, batch_size=batch_size, steps=args.steps,
                         compile_model=compile_model, device=ctx["device"],
-                        dtype="bf16" if ctx["device"] == "cuda" else "fp32", variant=variant)
+                        dtype="bf16" if ctx["device"] == "cuda" else "fp32", variant=variant,
+                        grad_accum=args.grad_accum)
     result = run_ours(cfg_path=cfg_path, run_dir=run_dir, log_path=Path(args.out) / f"{name}.log", warmup=args.warmup,
-                      positions_per_step=batch_size * args.seq_len, timeout_s=timeout_s)
-    return {"batch_size": batch_size, "compile": compile_model, "variant": variant, **result}
+                      positions_per_step=batch_size * args.seq_len * args.grad_accum, timeout_s=timeout_s)
+    return {"batch_size": batch_size, "grad_accum": args.grad_accum, "compile": compile_model, "variant": variant,
+            **result}
 
 
 def _prepare(args: argparse.Namespace, res: dict, device: str) -> dict:
@@ -715,7 +720,7 @@ def _prepare(args: argparse.Namespace, res: dict, device: str) -> dict:
     res["checkpoint"] = write_random_checkpoint(model_dir, preset=args.preset, device=device, seed=args.seed)
     print(f"checkpoint: {res['checkpoint']}", flush=True)
     csv_path, packs = work / "ko_docs.csv", work / "packs.npz"
-    need = args.steps * max(args.batch_size, args.extra_batch_size)
+    need = args.steps * max(args.batch_size, args.extra_batch_size) * args.grad_accum
     # ~1.8 characters per token for Korean with the Llama 3 tokenizer: 2.2 leaves ~20 % spare packs
     res["corpus"] = korean_length_mix_csv(csv_path, target_chars=int((need + 2) * args.seq_len * 2.2), seed=args.seed)
     res["packs"] = build_packs(csv_path, tokenizer_path=model_dir / "original" / "tokenizer.model",
@@ -818,6 +823,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=20, help="optimizer steps of our run (1 pack each at batch 1)")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of steady state (compilation)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (the recipe syncs with the host once per step: the "
+                        "shipped config accumulates 128)")
     p.add_argument("--peer-steps", type=int, default=12)
     p.add_argument("--peer-warmup", type=int, default=3)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="our runs eager (default: compiled)")

@@ -159,6 +159,8 @@ def test_variants_swap_only_the_model_and_loss_components(tmp_path):
     for cfg in (stock, fp8):
         rest = {k: v for k, v in cfg.items() if k not in ("model", "loss")}
         assert rest == {k: v for k, v in shipped.items() if k not in ("model", "loss")}
+    accum = bench.write_recipe_config(tmp_path / "g.yaml", preset="llama3-8b", variant="stock", grad_accum=8, **common)
+    assert accum["gradient_accumulation_steps"] == 8 and stock["gradient_accumulation_steps"] == 1
     tiny = bench.write_recipe_config(tmp_path / "t.yaml", preset="tiny", variant="fused", **common)
     assert tiny["model"]["_component_"] == "kobllla.models.lora_llama3" and tiny["model"]["output"] == "hidden"
     fast = bench.write_recipe_config(tmp_path / "f.yaml", preset="llama3-8b", variant="fp8all", **common)

@@ -142,6 +142,12 @@ def test_bad_fast_options_are_refused_with_the_fix():
         models.lora_llama3(["q_proj"], **SHAPE, fp8_output=True)
     with pytest.raises(ValueError, match=r"model.fp8_output needs output: logits"):
         models.lora_llama3(["q_proj"], **SHAPE, fp8=True, fp8_output=True, output="hidden")
+    from kobllla.models._fast import apply_fast_layers
+
+    qlora = lora_llama3(["q_proj"], **{**SHAPE, "embed_dim": 256, "intermediate_dim": 512}, quantize_base=True)
+    with pytest.raises(ValueError, match=r"fuse_projections: layers.0.attn has a bias or an NF4 base; only plain "
+                                         r"bias-free linears fuse \(set fuse_projections: False\)"):
+        apply_fast_layers(qlora, fuse_projections=True, attention="flex", fp8=False)
 
 
 def test_inline_flex_on_a_block_mask_equals_torchtune_on_the_same_dense_mask(monkeypatch):

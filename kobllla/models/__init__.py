@@ -97,7 +97,8 @@ def lora_llama3_8b(
     """torchtune's ``lora_llama3_8b`` with the speed options (see the module docstring).
 
     Raises:
-        ValueError: an unknown ``output``, ``output="hidden"`` with LoRA on the output projection.
+        ValueError: an unknown ``output`` or ``attention``, ``output="hidden"`` with LoRA on the output
+            projection, ``fp8_output`` without ``fp8`` or with ``output="hidden"``.
     """
     from torchtune.models.llama3 import lora_llama3_8b as build
 

@@ -83,25 +83,21 @@ class _FusedGroup:
             start += rows
         self.register_buffer("_w_fused", fused, persistent=False)
         if self._fp8:
-            from kobllla.models._fp8 import quantize_rows
+            from kobllla.models._fp8 import FP8_BUFFERS, set_fp8_copies
 
-            w_q, w_scale = quantize_rows(fused)
-            wt_q, wt_scale = quantize_rows(fused.t().contiguous())
-            for name, value in (("_w_q", w_q), ("_w_scale", w_scale), ("_wt_q", wt_q), ("_wt_scale", wt_scale)):
-                self.register_buffer(name, value, persistent=False)
+            set_fp8_copies(self, fused)
             for m in members:  # their own float8 copies are not used any more: free them
-                for name in ("_w_q", "_w_scale", "_wt_q", "_wt_scale"):
-                    if name in m._buffers:
-                        del m._buffers[name]
+                for name in FP8_BUFFERS:
+                    m._buffers.pop(name, None)
                 if hasattr(m, "_fp8_hook"):
                     m._fp8_hook.remove()
                     del m._fp8_hook
 
     def _fused_matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self._fp8:
-            from kobllla.models._fp8 import _Fp8FrozenMatmul
+            from kobllla.models._fp8 import fp8_matmul
 
-            return _Fp8FrozenMatmul.apply(x, self._w_q, self._w_scale, self._wt_q, self._wt_scale)
+            return fp8_matmul(self, x)
         return F.linear(x, self._w_fused)
 
 

@@ -56,6 +56,23 @@ class _Fp8FrozenMatmul(torch.autograd.Function):
         return dx.reshape(*dy.shape[:-1], wt_q.shape[0]), None, None, None, None
 
 
+FP8_BUFFERS = ("_w_q", "_w_scale", "_wt_q", "_wt_scale")
+
+
+@torch.no_grad()
+def set_fp8_copies(module: nn.Module, weight: torch.Tensor) -> None:
+    """Registers ``weight``'s e4m3 copies (both layouts, with scales) as ``module``'s non-persistent buffers."""
+    w_q, w_scale = quantize_rows(weight)
+    wt_q, wt_scale = quantize_rows(weight.t().contiguous())
+    for name, value in zip(FP8_BUFFERS, (w_q, w_scale, wt_q, wt_scale), strict=True):
+        module.register_buffer(name, value, persistent=False)
+
+
+def fp8_matmul(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` through the float8 copies ``set_fp8_copies`` put on ``module`` (input gradient only)."""
+    return _Fp8FrozenMatmul.apply(x, module._w_q, module._w_scale, module._wt_q, module._wt_scale)
+
+
 class _Fp8Weights:
     """Mixin: e4m3 copies of ``self.weight`` (non-persistent buffers) refreshed after every load."""
 
@@ -63,21 +80,16 @@ class _Fp8Weights:
         self._fp8_hook = self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_fp8())
         self.refresh_fp8()
 
-    @torch.no_grad()
     def refresh_fp8(self) -> None:
         """Re-quantizes the weight (call after changing it other than through ``load_state_dict``)."""
-        w = self.weight.detach()
-        w_q, w_scale = quantize_rows(w)
-        wt_q, wt_scale = quantize_rows(w.t().contiguous())
-        for name, value in (("_w_q", w_q), ("_w_scale", w_scale), ("_wt_q", wt_q), ("_wt_scale", wt_scale)):
-            self.register_buffer(name, value, persistent=False)
+        set_fp8_copies(self, self.weight.detach())
 
     def _fp8_linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:  # a trained weight needs its gradient: plain matmul
             return F.linear(x, self.weight)
         if "_w_q" not in self._buffers:  # freed when a fused group took this weight over (kobllla.models._fast)
             self.refresh_fp8()
-        return _Fp8FrozenMatmul.apply(x, self._w_q, self._w_scale, self._wt_q, self._wt_scale)
+        return fp8_matmul(self, x)
 
 
 class Fp8FrozenLinear(_Fp8Weights, nn.Linear):

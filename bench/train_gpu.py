@@ -350,39 +350,56 @@ def tiny_model_block() -> dict:
             "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0}
 
 
-# Component sets laid over the shipped config: (model component, extra model keys, loss component).
-# The extra keys are replaced, not merged: "stock" drops a shipped output/fp8 key.
-VARIANTS: dict[str, tuple[str, dict, str] | None] = {
+# Component sets laid over the shipped config: (model component, extra model keys, loss component,
+# collate). The extra keys are replaced, not merged: "stock" drops a shipped output/fp8 key. Collate
+# "torchtune": dataset.packed (torchtune's padded_collate_packed); "kobllla": dataset.pack with
+# collate_fn kobllla.datasets.packed_collate (document mask without host syncs).
+_TT_MODEL, _KB_MODEL = "torchtune.models.llama3.lora_llama3_8b", "kobllla.models.lora_llama3_8b"
+_TT_LOSS, _FUSED_LOSS = "torchtune.modules.loss.CEWithChunkedOutputLoss", "kobllla.losses.FusedLinearCrossEntropyLoss"
+_INLINE = {"attention": "flex_inline"}
+_FP8ALL = {"fp8": True, "fp8_output": True, "fuse_projections": True, "attention": "flex_inline"}
+VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
     "shipped": None,
-    "stock": ("torchtune.models.llama3.lora_llama3_8b", {}, "torchtune.modules.loss.CEWithChunkedOutputLoss"),
-    "fused": ("kobllla.models.lora_llama3_8b", {"output": "hidden"}, "kobllla.losses.FusedLinearCrossEntropyLoss"),
-    "fp8": ("kobllla.models.lora_llama3_8b", {"output": "hidden", "fp8": True},
-            "kobllla.losses.FusedLinearCrossEntropyLoss"),
+    "stock": (_TT_MODEL, {}, _TT_LOSS, "torchtune"),
+    "fused": (_KB_MODEL, {"output": "hidden"}, _FUSED_LOSS, "torchtune"),
+    "fp8": (_KB_MODEL, {"output": "hidden", "fp8": True}, _FUSED_LOSS, "torchtune"),
     # kobllla.models._fast: fused q/k/v and gate/up frozen matmuls, flex attention in the layer's graph
-    "fast": ("kobllla.models.lora_llama3_8b", {"fuse_projections": True, "attention": "flex_inline"},
-             "torchtune.modules.loss.CEWithChunkedOutputLoss"),
-    "inline": ("kobllla.models.lora_llama3_8b", {"attention": "flex_inline"},
-               "torchtune.modules.loss.CEWithChunkedOutputLoss"),
-    "fp8fast": ("kobllla.models.lora_llama3_8b", {"fp8": True, "fuse_projections": True, "attention": "flex_inline"},
-                "torchtune.modules.loss.CEWithChunkedOutputLoss"),
-    "fp8all": ("kobllla.models.lora_llama3_8b",
-               {"fp8": True, "fp8_output": True, "fuse_projections": True, "attention": "flex_inline"},
-               "torchtune.modules.loss.CEWithChunkedOutputLoss"),
+    "fast": (_KB_MODEL, {"fuse_projections": True, **_INLINE}, _TT_LOSS, "torchtune"),
+    "inline": (_KB_MODEL, _INLINE, _TT_LOSS, "torchtune"),
+    "fp8fast": (_KB_MODEL, {"fp8": True, "fuse_projections": True, **_INLINE}, _TT_LOSS, "torchtune"),
+    "fp8all": (_KB_MODEL, _FP8ALL, _TT_LOSS, "torchtune"),
+    # the same with kobllla.datasets.packed_collate
+    "stockpc": (_TT_MODEL, {}, _TT_LOSS, "kobllla"),
+    "inlinepc": (_KB_MODEL, _INLINE, _TT_LOSS, "kobllla"),
+    "fp8allpc": (_KB_MODEL, _FP8ALL, _TT_LOSS, "kobllla"),
 }
 SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention")
+PACKED_COLLATE = "kobllla.datasets.packed_collate"
+
+
+def set_collate(cfg: dict, collate: str) -> None:
+    """``cfg``'s dataset packs, collated by torchtune's ``padded_collate_packed`` or kobllla's."""
+    ds = {k: v for k, v in cfg["dataset"].items() if k not in ("packed", "pack")}
+    cfg.pop("collate_fn", None)
+    if collate == "kobllla":
+        cfg["dataset"] = {**ds, "pack": True}
+        cfg["collate_fn"] = PACKED_COLLATE
+    else:
+        cfg["dataset"] = {**ds, "packed": True}
 
 
 def apply_variant(cfg: dict, variant: str, *, tiny: bool) -> None:
-    """Sets ``cfg``'s model and loss components to ``VARIANTS[variant]`` (in place)."""
+    """Sets ``cfg``'s model, loss and collate to ``VARIANTS[variant]`` (in place)."""
     spec = VARIANTS[variant]
     if spec is None:
         return
-    component, extra, loss = spec
+    component, extra, loss, collate = spec
     if tiny:  # the generic builders take the shape; kobllla.models has the same two names
         component = component.replace("lora_llama3_8b", "lora_llama3")
     model = {k: v for k, v in cfg["model"].items() if k not in ("_component_", *SPEED_KEYS)}
     cfg["model"] = {"_component_": component, **model, **extra}
     cfg["loss"] = {"_component_": loss}
+    set_collate(cfg, collate)
 
 
 def loss_agreement(losses: dict[str, list[float]], *, reference: str, first: int) -> dict[str, dict]:
@@ -410,7 +427,8 @@ def loss_agreement(losses: dict[str, list[float]], *, reference: str, first: int
 
 def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_path: Path, run_dir: Path,
                         preset: str, seq_len: int, batch_size: int, steps: int, compile_model: bool,
-                        device: str, dtype: str, variant: str = "shipped", grad_accum: int = 1) -> dict:
+                        device: str, dtype: str, variant: str = "shipped", grad_accum: int = 1,
+                        profile: dict | None = None) -> dict:
     """The shipped single-device stage-1 config with the benchmark's overrides, written as YAML.
 
     ``variant`` (one of ``VARIANTS``) swaps the model and loss components: ``shipped`` keeps the
@@ -424,8 +442,10 @@ def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_pa
     cfg["output_dir"] = str(run_dir / "out")
     cfg["tokenizer"].update(path=str(model_dir / "original" / "tokenizer.model"), max_seq_len=seq_len)
     cfg["checkpointer"].update(checkpoint_dir=str(model_dir), checkpoint_files=files)
+    shipped_collate = "kobllla" if cfg.get("collate_fn") == PACKED_COLLATE else "torchtune"
     cfg["dataset"] = {"_component_": "kobllla.datasets.kowikitext_dataset", "source": "csv",
-                      "data_files": str(csv_path), "column": "text", "packed": True}
+                      "data_files": str(csv_path), "column": "text"}
+    set_collate(cfg, shipped_collate)
     if preset == "tiny":
         cfg["model"] = tiny_model_block()
     apply_variant(cfg, variant, tiny=preset == "tiny")
@@ -433,6 +453,11 @@ def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_pa
                compile=compile_model, enable_activation_checkpointing=False, save_adapter_weights_only=True,
                log_every_n_steps=1, log_peak_memory_stats=True, device=device, dtype=dtype)
     cfg["optimizer"]["fused"] = device == "cuda"
+    if profile:  # torchtune's own profiler, stepped once per micro-batch by the recipe
+        cfg["profiler"] = {"_component_": "torchtune.training.setup_torch_profiler", "enabled": True,
+                           "output_dir": str(run_dir / "profile"), "cpu": True, "cuda": device == "cuda",
+                           "profile_memory": False, "with_stack": False, "record_shapes": False,
+                           "with_flops": False, "num_cycles": 1, **profile}
     cfg["metric_logger"] = {"_component_": "bench.train_gpu.WallClockDiskLogger", "log_dir": str(run_dir / "logs")}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)), encoding="utf-8")
@@ -699,19 +724,52 @@ class Clock:
         return self.deadline_s - self.elapsed()
 
 
+PROFILE_SCHEDULE = {"wait_steps": 6, "warmup_steps": 2, "active_steps": 3}
+
+
 def _ours_run(name: str, *, args: argparse.Namespace, ctx: dict, batch_size: int, compile_model: bool,
-              timeout_s: float, variant: str = "shipped") -> dict:
+              timeout_s: float, variant: str = "shipped", profile: bool = False) -> dict:
     run_dir = Path(args.work) / name
     cfg_path = run_dir / "config.yaml"
+    accum = 1 if profile else args.grad_accum
+    steps = sum(PROFILE_SCHEDULE.values()) + 1 if profile else args.steps
     write_recipe_config(cfg_path, model_dir=ctx["model_dir"], files=ctx["files"], csv_path=ctx["csv"], run_dir=run_dir,
-                        preset=args.preset, seq_len=args.seq_len, batch_size=batch_size, steps=args.steps,
+                        preset=args.preset, seq_len=args.seq_len, batch_size=batch_size, steps=steps,
                         compile_model=compile_model, device=ctx["device"],
                         dtype="bf16" if ctx["device"] == "cuda" else "fp32", variant=variant,
-                        grad_accum=args.grad_accum)
-    result = run_ours(cfg_path=cfg_path, run_dir=run_dir, log_path=Path(args.out) / f"{name}.log", warmup=args.warmup,
-                      positions_per_step=batch_size * args.seq_len * args.grad_accum, timeout_s=timeout_s)
-    return {"batch_size": batch_size, "grad_accum": args.grad_accum, "compile": compile_model, "variant": variant,
-            **result}
+                        grad_accum=accum, profile=PROFILE_SCHEDULE if profile else None)
+    result = run_ours(cfg_path=cfg_path, run_dir=run_dir, log_path=Path(args.out) / f"{name}.log",
+                      warmup=min(args.warmup, steps - 1),
+                      positions_per_step=batch_size * args.seq_len * accum, timeout_s=timeout_s)
+    result = {"batch_size": batch_size, "grad_accum": accum, "compile": compile_model, "variant": variant, **result}
+    if profile:
+        result["gaps"] = _profile_gaps(run_dir / "profile", Path(args.out), name)
+    return result
+
+
+def _profile_gaps(profile_dir: Path, out: Path, name: str) -> dict:
+    """bench/trace_gaps.py's report on the run's trace, as JSON and Markdown in ``out``; the trace
+    itself too when it fits what the device tool brings back (16 MiB)."""
+    import shutil
+
+    try:
+        from bench.trace_gaps import gap_report, load_trace, markdown
+    except ImportError:  # run as a script: bench/ itself is on the path
+        from trace_gaps import gap_report, load_trace, markdown
+
+    traces = sorted(profile_dir.rglob("*.pt.trace.json*"))
+    if not traces:
+        return {"error": f"no trace under {profile_dir}"}
+    try:
+        rep = gap_report(load_trace(traces[-1]))
+    except ValueError as e:  # e.g. a CPU run: no GPU events
+        return {"trace": str(traces[-1]), "error": str(e)}
+    (out / f"{name}-gaps.md").write_text(markdown(rep), encoding="utf-8")
+    _write_json(out / f"{name}-gaps.json", rep)
+    if traces[-1].stat().st_size <= 15 << 20:
+        shutil.copy(traces[-1], out / f"{name}.pt.trace.json.gz")
+    print(markdown(rep), flush=True)
+    return {"trace": str(traces[-1]), "mean": rep["mean"], "idle_by_top_op": rep["idle_by_top_op"][:8]}
 
 
 def _prepare(args: argparse.Namespace, res: dict, device: str) -> dict:
@@ -758,6 +816,11 @@ def run_all(args: argparse.Namespace) -> dict:
             res[name] = _ours_run(name, args=args, ctx=ctx, batch_size=args.batch_size, compile_model=args.compile,
                                   timeout_s=min(args.ours_timeout_s, clock.left() - 5), variant=variant)
             _write_json(out / "results.json", res)
+        for variant in args.profile:
+            name = f"profile-{variant}"
+            res[name] = _ours_run(name, args=args, ctx=ctx, batch_size=args.batch_size, compile_model=args.compile,
+                                  timeout_s=min(args.ours_timeout_s, clock.left() - 5), variant=variant, profile=True)
+            _write_json(out / "results.json", res)
         if args.loss_micro and clock.left() > 60:
             res["loss-micro"] = run_loss_micro(out=out, device=device, timeout_s=min(120, clock.left()))
         if args.peer_steps <= 0:
@@ -775,7 +838,7 @@ def run_all(args: argparse.Namespace) -> dict:
         elif args.extra_batch_size:
             res[f"ours-bs{args.extra_batch_size}"] = {"error": f"skipped: {clock.left():.0f} s left"}
     finally:
-        runs = [k for k in res if k.startswith("ours-") or k == "peer"]
+        runs = [k for k in res if k.startswith(("ours-", "profile-")) or k == "peer"]
         res["figures"] = {k: figures(res[k], flops_per_position=fpp, peak=peak) for k in runs}
         curves = {k: [r["loss"] for r in res[k]["steps"]] for k in runs if k.startswith("ours-") and "steps" in res[k]
                   and res[k].get("batch_size") == args.batch_size}
@@ -832,6 +895,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", type=_variant_list, default=["shipped"],
                    help="comma-separated component sets to run, the first is the loss reference: "
                         f"{', '.join(VARIANTS)}")
+    p.add_argument("--profile", type=_variant_list, default=[],
+                   help="after the variants, run these once more under torchtune's profiler (accumulation 1, "
+                        f"{sum(PROFILE_SCHEDULE.values()) + 1} steps) and report where the GPU idles "
+                        "(bench/trace_gaps.py)")
     p.add_argument("--loss-micro", action="store_true", help="also time the output projection + loss alone (GPU)")
     p.add_argument("--peer-pythonpath", default="", help="PYTHONPATH of the peer process (where peft is)")
     p.add_argument("--extra-batch-size", type=int, default=0,

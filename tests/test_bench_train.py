@@ -144,7 +144,7 @@ def test_recipe_config_is_the_shipped_one_with_the_benchmark_overrides(tmp_path)
     assert cfg["metric_logger"]["_component_"] == "bench.train_gpu.WallClockDiskLogger"
 
 
-def test_variants_swap_only_the_model_and_loss_components(tmp_path):
+def test_variants_swap_only_the_model_loss_and_collate_components(tmp_path):
     common = dict(model_dir=Path("/m"), files=["a.safetensors"], csv_path=Path("/d.csv"), run_dir=tmp_path / "run",
                   seq_len=4096, batch_size=1, steps=50, compile_model=True, device="cuda", dtype="bf16")
     shipped = bench.write_recipe_config(tmp_path / "s.yaml", preset="llama3-8b", **common)
@@ -166,8 +166,11 @@ def test_variants_swap_only_the_model_and_loss_components(tmp_path):
     fast = bench.write_recipe_config(tmp_path / "f.yaml", preset="llama3-8b", variant="fp8all", **common)
     assert fast["model"] == {"_component_": "kobllla.models.lora_llama3_8b", **lora, "fp8": True, "fp8_output": True,
                              "fuse_projections": True, "attention": "flex_inline"}
-    with pytest.raises(ValueError, match=r"unknown variant 'bf16'; choose from \['fast', 'fp8', 'fp8all', 'fp8fast', "
-                                         r"'fused', 'inline', 'shipped', 'stock'\]"):
+    pc = bench.write_recipe_config(tmp_path / "p.yaml", preset="llama3-8b", variant="inlinepc", **common)
+    assert pc["collate_fn"] == "kobllla.datasets.packed_collate" and pc["dataset"]["pack"] is True
+    assert "packed" not in pc["dataset"] and "collate_fn" not in stock
+    with pytest.raises(ValueError, match=r"unknown variant 'bf16'; choose from \['fast', 'fp8', 'fp8all', 'fp8allpc', "
+                                         r"'fp8fast', 'fused', 'inline', 'inlinepc', 'shipped', 'stock', 'stockpc'\]"):
         bench.write_recipe_config(tmp_path / "x.yaml", preset="tiny", variant="bf16", **common)
 
 
@@ -186,3 +189,36 @@ def test_variant_option_lists_the_valid_names():
     assert bench.parse_args(["--variants", "stock,fp8"]).variants == ["stock", "fp8"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--variants", "stock,fp16"])
+
+
+def test_trace_gaps_charges_each_idle_gap_to_the_code_that_launched_the_next_kernel():
+    from bench.trace_gaps import gap_report, markdown
+
+    def x(name, cat, ts, dur, tid=1, corr=None):
+        ev = {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+        if corr is not None:
+            ev["args"] = {"correlation": corr}
+        return ev
+
+    events = [
+        x("ProfilerStep#7", "user_annotation", 0, 1000),
+        x("data", "cpu_op", 40, 56), x("cudaLaunchKernel", "cuda_runtime", 90, 2, corr=1),
+        x("CompiledFunction", "cpu_op", 300, 60), x("aten::mm", "cpu_op", 310, 20),
+        x("cudaLaunchKernel", "cuda_runtime", 320, 2, corr=2),
+        x("cudaStreamSynchronize", "cuda_runtime", 610, 250),
+        x("Optimizer.step", "cpu_op", 870, 20), x("cudaLaunchKernel", "cuda_runtime", 880, 2, corr=3),
+        x("gemm_kernel", "kernel", 100, 200, tid=7, corr=1), x("triton_poi_fused", "kernel", 350, 250, tid=7, corr=2),
+        x("Memcpy HtoD", "gpu_memcpy", 900, 50, tid=7, corr=3),
+    ]
+    rep = gap_report({"traceEvents": events})
+    assert rep["mean"]["wall_ms"] == 1.0 and rep["mean"]["gpu_busy_ms"] == 0.5 and rep["mean"]["idle_ms"] == 0.5
+    top = {r["where"]: r["idle_ms_per_step"] for r in rep["idle_by_top_op"]}
+    assert top == {"Optimizer.step": 0.3, "data": 0.1, "CompiledFunction": 0.05,
+                   "(end of step: nothing launched)": 0.05}
+    assert {r["where"] for r in rep["idle_by_inner_op"]} >= {"aten::mm"}
+    assert rep["blocking_calls_per_step"] == {"cudaStreamSynchronize": {"calls": 1.0, "ms": 0.25}}
+    assert rep["gpu_ms_per_step_by_kind"] == {"triton (fused elementwise/reductions)": 0.25, "matmul": 0.2,
+                                              "memcpy": 0.05}
+    assert "idle 0.5 ms (50.0 %)" in markdown(rep)
+    with pytest.raises(ValueError, match="ProfilerStep"):
+        gap_report({"traceEvents": events[1:]})

@@ -22,6 +22,7 @@ from torchtune.datasets import PackedDataset
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 from tqdm import tqdm
 
+from kobllla.datasets._collate import CollateGuard
 from kobllla.datasets._sources import Row, iter_rows, require_field
 from kobllla.datasets._windows import document_windows, pack_windows, packed_sample, segments_in
 from kobllla.token_file import document_tokens
@@ -130,8 +131,10 @@ class PackedTextDataset(PackedDataset):
     """
 
     def __init__(  # no super().__init__(): it would pack eagerly; this class packs lazily
-        self, tokens: np.ndarray, ends: np.ndarray, *, max_seq_len: int, pad_id: int, stats: CorpusStats
+        self, tokens: np.ndarray, ends: np.ndarray, *, max_seq_len: int, pad_id: int, stats: CorpusStats,
+        guard: CollateGuard | None = None,
     ) -> None:
+        self._guard = guard
         self._tokens = tokens
         self._ends = ends.tolist()
         self.max_seq_len = max_seq_len
@@ -145,6 +148,8 @@ class PackedTextDataset(PackedDataset):
         return len(self._packs)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self._guard is not None:
+            self._guard.check()
         s, e = self._packs[index]
         sample = packed_sample(
             self._tokens[s:e], segments_in(self._ends, s, e),
@@ -163,6 +168,7 @@ def kowikitext_dataset(
     split: str = "train",
     max_seq_len: int | None = None,
     packed: bool = False,
+    pack: bool = False,
     filter_fn: Callable[[Row], bool] | None = None,
 ) -> TextWindowDataset | PackedTextDataset:
     """Korean Wikipedia (or any text column) for continued pretraining, no token dropped.
@@ -176,7 +182,11 @@ def kowikitext_dataset(
         column (str): the text column.
         split (str): hub split.
         max_seq_len (int | None): window length; defaults to ``tokenizer.max_seq_len``.
-        packed (bool): pack documents into full ``max_seq_len`` sequences.
+        packed (bool): pack documents into full ``max_seq_len`` sequences (the recipe collates
+            them with torchtune's ``padded_collate_packed``).
+        pack (bool): the same packs, for ``collate_fn: kobllla.datasets.packed_collate``, which
+            builds the document mask without host syncs (faster on GPU); the recipes only use a
+            config's ``collate_fn`` when ``packed`` is unset, hence the second key.
         filter_fn (Callable | None): keep a row only when it returns True.
 
     Returns:
@@ -184,7 +194,9 @@ def kowikitext_dataset(
         ``labels == tokens`` (torchtune 0.6.1 shifts in the recipe), or packs.
 
     Raises:
-        ValueError: no window length, a missing column, or no usable text.
+        ValueError: no window length, both ``packed`` and ``pack``, a missing column, or no
+            usable text. Reading more than a batch of ``pack=True`` samples without
+            ``packed_collate`` raises RuntimeError.
 
     Example (configs/llama3_8b/stage1_kowiki_lora.yaml)::
 
@@ -197,11 +209,15 @@ def kowikitext_dataset(
     length = max_seq_len or getattr(tokenizer, "max_seq_len", None)
     if not length:
         raise ValueError("kowikitext_dataset needs a window length: set tokenizer.max_seq_len or dataset.max_seq_len")
+    if packed and pack:
+        raise ValueError("kowikitext_dataset: set dataset.packed (torchtune's collate) or dataset.pack "
+                         "(with collate_fn: kobllla.datasets.packed_collate), not both")
     rows = lambda: iter_rows(source, data_files=data_files, name=name, split=split)  # noqa: E731
     tokens, ends, stats = tokenize_documents(rows, tokenizer, column=column, filter_fn=filter_fn)
-    if packed:
+    if packed or pack:
         ds: TextWindowDataset | PackedTextDataset = PackedTextDataset(
-            tokens, ends, max_seq_len=length, pad_id=tokenizer.pad_id, stats=stats
+            tokens, ends, max_seq_len=length, pad_id=tokenizer.pad_id, stats=stats,
+            guard=CollateGuard("kowikitext_dataset") if pack else None,
         )
     else:
         ds = TextWindowDataset(tokens, ends, max_seq_len=length, stats=stats)
@@ -209,6 +225,6 @@ def kowikitext_dataset(
         log.info(
             "kowikitext: %d rows, %d documents, %d empty skipped, %d tokens -> %d %s of <= %d",
             stats.rows, stats.documents, stats.skipped_empty, stats.tokens, stats.samples,
-            "packs" if packed else "windows", length,
+            "packs" if packed or pack else "windows", length,
         )
     return ds

@@ -34,6 +34,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.datasets import PackedDataset
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
+from kobllla.datasets._collate import CollateGuard
 from kobllla.datasets._ko_wiki import CorpusStats
 from kobllla.datasets._windows import packed_sample, segments_in
 from kobllla.token_file import PretokenizedCorpus, check_tokenizer, open_pretokenized
@@ -195,8 +196,10 @@ class PretokenizedPackedDataset(_MappedCorpus, PackedDataset):
     """
 
     def __init__(  # no super().__init__(): it would pack eagerly
-        self, corpus: PretokenizedCorpus, *, max_seq_len: int, pad_id: int, stats: CorpusStats
+        self, corpus: PretokenizedCorpus, *, max_seq_len: int, pad_id: int, stats: CorpusStats,
+        guard: CollateGuard | None = None,
     ) -> None:
+        self._guard = guard
         self._corpus = corpus
         self.max_seq_len = max_seq_len
         self.padding_idx = pad_id
@@ -209,6 +212,8 @@ class PretokenizedPackedDataset(_MappedCorpus, PackedDataset):
         return int(self._first_pack[-1])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self._guard is not None:
+            self._guard.check()
         index = _check_index(index, len(self))
         ends = self._corpus.doc_ends
         s, e = pack_bounds(self._run_starts, self._first_pack, int(ends[-1]), self.max_seq_len, index)
@@ -235,6 +240,7 @@ def pretokenized_dataset(
     path: str,
     max_seq_len: int | None = None,
     packed: bool = False,
+    pack: bool = False,
 ) -> PretokenizedWindowDataset | PretokenizedPackedDataset:
     """Stage-1 text completion from a corpus made by ``python -m tools.pretokenize``.
 
@@ -250,6 +256,8 @@ def pretokenized_dataset(
         packed (bool): packs of exactly ``max_seq_len`` (padding only in the last one). Keep it
             equal to the config's ``dataset.packed``: the recipe reads that key, not this
             default, to pick the collate function; False matches the recipe's default.
+        pack (bool): the same packs, for ``collate_fn: kobllla.datasets.packed_collate`` (document
+            mask built without host syncs; see :func:`kowikitext_dataset`).
 
     Returns:
         PretokenizedWindowDataset | PretokenizedPackedDataset: samples ``{"tokens", "labels"}``
@@ -257,7 +265,8 @@ def pretokenized_dataset(
 
     Raises:
         FileNotFoundError: no corpus at ``path``.
-        ValueError: an unfinished or corrupt corpus, another tokenizer, or no window length.
+        ValueError: an unfinished or corrupt corpus, another tokenizer, no window length, or
+            both ``packed`` and ``pack``.
 
     Example (configs/tiny/stage1_pretokenized_lora.yaml)::
 
@@ -270,18 +279,22 @@ def pretokenized_dataset(
     if not length:
         raise ValueError("pretokenized_dataset needs a window length: set tokenizer.max_seq_len or dataset.max_seq_len")
     _check_len(length)
+    if packed and pack:
+        raise ValueError("pretokenized_dataset: set dataset.packed (torchtune's collate) or dataset.pack "
+                         "(with collate_fn: kobllla.datasets.packed_collate), not both")
     corpus = open_pretokenized(path)
     check_tokenizer(corpus.manifest, tokenizer, where=corpus.path)
     counts = corpus.manifest["counts"]
     stats = CorpusStats(rows=counts["rows"], documents=counts["documents"], skipped_empty=counts["skipped_empty"],
                         tokens=counts["tokens"])
-    if packed:
+    if packed or pack:
         pad_id = tokenizer.pad_id
         ds: PretokenizedWindowDataset | PretokenizedPackedDataset = PretokenizedPackedDataset(
-            corpus, max_seq_len=length, pad_id=pad_id, stats=stats)
+            corpus, max_seq_len=length, pad_id=pad_id, stats=stats,
+            guard=CollateGuard("pretokenized_dataset") if pack else None)
     else:
         ds = PretokenizedWindowDataset(corpus, max_seq_len=length, stats=stats)
     if int(os.environ.get("RANK", "0")) == 0:
         log.info("pretokenized %s: %d documents, %d tokens -> %d %s of <= %d", Path(path).name, stats.documents,
-                 stats.tokens, stats.samples, "packs" if packed else "windows", length)
+                 stats.tokens, stats.samples, "packs" if packed or pack else "windows", length)
     return ds

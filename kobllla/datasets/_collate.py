@@ -1,0 +1,159 @@
+"""Collation of packs with the document mask built for the device, without host syncs.
+
+torchtune 0.6.1's ``padded_collate_packed`` (what its recipes use whenever ``dataset.packed`` is
+set) builds each batch's flex-attention ``BlockMask`` with an eager ``create_block_mask`` over the
+whole ``seq x seq`` mask: ~370 small ops per batch, after copying the document ids to the GPU with
+a blocking copy; the recipe then copies tokens, labels and positions with three more blocking
+copies. Each blocking copy waits for the GPU to finish all queued work, so the CPU cannot prepare
+batch n+1 while the GPU still runs batch n.
+
+:func:`packed_collate` gives the same batch: the same tensors and a ``BlockMask`` whose block
+tables equal ``create_block_mask``'s (``tests/test_packed_collate.py``), computed on the CPU from
+the pack's ``seq_lens`` at block granularity (32 x 32 entries at seq 4096 instead of 16.8M mask
+elements), then sent with non-blocking copies from pinned memory, so nothing in it waits for the
+GPU. Use it with a dataset built with ``pack=True`` (torchtune's recipes only honour
+``collate_fn`` when ``packed`` is not set)::
+
+    dataset:
+      _component_: kobllla.datasets.kowikitext_dataset
+      pack: True
+    collate_fn: kobllla.datasets.packed_collate
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+BLOCK_SIZE = 128  # flex attention's default sparse block, what create_block_mask uses
+
+_seen_in_process = False  # set by packed_collate; checked by datasets built with pack=True
+# Items a pack=True dataset hands out before it insists on packed_collate having run: far more
+# than one batch of packs, which the data loader collates as soon as it has fetched them.
+GUARD_ITEMS = 512
+
+
+class CollateGuard:
+    """Fails a ``pack=True`` dataset whose batches are not collated by :func:`packed_collate`.
+
+    Without ``dataset.packed`` set, torchtune's recipes collate with ``collate_fn`` (by default
+    ``padded_collate_sft``), which would silently drop ``seq_lens`` and let every token attend
+    across document boundaries. Call :meth:`check` from ``__getitem__``.
+    """
+
+    def __init__(self, builder: str) -> None:
+        self.builder = builder
+        self.items = 0
+
+    def check(self) -> None:
+        if _seen_in_process:
+            return
+        self.items += 1
+        if self.items > GUARD_ITEMS:
+            raise RuntimeError(
+                f"{self.builder}(pack=True): {GUARD_ITEMS} packs read but kobllla.datasets.packed_collate never "
+                "ran; add `collate_fn: kobllla.datasets.packed_collate` to the config (or use `packed: True` "
+                "for torchtune's own collate): without it the batches lose their document masks")
+
+
+def document_ids(seq_lens: list[list[int]] | list[torch.Tensor], seq_len: int) -> np.ndarray:
+    """``[batch, seq_len]`` int32 document index of every position (torchtune's rule)."""
+    out = np.empty((len(seq_lens), seq_len), dtype=np.int32)
+    for row, lens in enumerate(seq_lens):
+        lens = np.asarray(lens, dtype=np.int64).reshape(-1)
+        if lens.sum() != seq_len or (lens <= 0).any():
+            raise ValueError(f"pack {row}: seq_lens {lens.tolist()} must be positive and sum to its "
+                             f"{seq_len} tokens (padding counted as its own sequence, as PackedDataset does)")
+        out[row] = np.repeat(np.arange(len(lens), dtype=np.int32), lens)
+    return out
+
+
+def block_tables(doc: np.ndarray, block: int = BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Per ``(q block, kv block)``: partial and full masks of the document-causal mask.
+
+    ``doc`` is ``[batch, seq]`` non-decreasing document ids. A tile is *full* when every
+    ``(q, kv)`` in it is allowed, *partial* when some are; ``create_block_mask`` pads the mask
+    to whole blocks with disallowed positions. Returns two ``[batch, 1, nq, nkv]`` int32 arrays.
+    """
+    b, s = doc.shape
+    n = -(-s // block)
+    first = doc[:, ::block]                                   # [b, n] id at each block's start
+    last_idx = np.minimum(np.arange(n) * block + block - 1, s - 1)
+    last = doc[:, last_idx]                                   # [b, n] id at each block's last real position
+    whole = (np.arange(n) * block + block) <= s               # [n] block has no padding
+    qi, kj = np.arange(n)[:, None], np.arange(n)[None, :]
+    below = kj < qi
+    # kv tile j entirely before q tile i: some pair shares a document iff kv's last == q's first;
+    # every pair does iff kv's first == q's last (ids are non-decreasing) and q's tile is whole.
+    some = below & (last[:, None, :] == first[:, :, None])
+    every = below & (first[:, None, :] == last[:, :, None]) & whole[None, :, None]
+    diag = np.broadcast_to(qi == kj, some.shape)               # (q == kv) is always allowed, never all
+    partial = (some & ~every) | diag
+    return partial[:, None].astype(np.int32), every[:, None].astype(np.int32)
+
+
+def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """flex attention's ``(num_blocks, indices)`` for a dense block table, as create_block_mask
+    orders them: the set blocks first, ascending, then the rest, ascending."""
+    num = dense.sum(dim=-1).to(torch.int32)
+    idx = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+    return num.contiguous(), idx.contiguous()
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def packed_block_mask(seq_lens: list, seq_len: int, device: torch.device | str = "cpu"):
+    """The ``BlockMask`` of torchtune's ``packed_block_causal_mask`` for these packs, on ``device``,
+    built without a blocking copy or a dense mask."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device = torch.device(device)
+    doc_np = document_ids(seq_lens, seq_len)
+    partial, full = block_tables(doc_np)
+    kv_num, kv_idx = _ordered(torch.from_numpy(partial))
+    full_num, full_idx = _ordered(torch.from_numpy(full))
+    doc = _to_device(torch.from_numpy(doc_np), device)
+    tables = [_to_device(t, device) for t in (kv_num, kv_idx, full_num, full_idx)]
+
+    def mask_mod(b, h, q_idx, kv_idx):  # torchtune's packed mask_mod, on the same ids
+        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+    return BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod,
+                                    seq_lengths=(seq_len, seq_len))
+
+
+def _flex_device() -> torch.device | None:
+    """The device the recipe's attention runs flex attention on, or None where torchtune falls
+    back to SDPA with a dense mask (its ``_SUPPORTS_FLEX_ATTENTION`` rule: CUDA, sm >= 7.5)."""
+    # torchtune's recipes set the current CUDA device (one per rank) before the data loader runs
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (7, 5):
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def packed_collate(batch: list[dict], padding_idx: int = 0, ignore_idx: int = -100) -> dict:
+    """Packs -> ``{"tokens", "labels", "input_pos", "mask"}`` on the recipe's device, no host sync.
+
+    Same output as torchtune's ``padded_collate_packed`` (``padding_idx``/``ignore_idx`` are
+    accepted because the recipes pass them to every ``collate_fn``; packs are already padded).
+    The tensors are placed on the current CUDA device, so the recipe's own ``batch_to_device``
+    has nothing to copy. Where torchtune uses no flex attention (CPU, GPUs before sm 7.5) this
+    returns exactly what ``padded_collate_packed`` does (a dense mask on the CPU).
+    """
+    global _seen_in_process
+    _seen_in_process = True
+    if not batch or "seq_lens" not in batch[0]:
+        raise ValueError("packed_collate needs packs (samples with seq_lens): build the dataset with pack=True")
+    device = _flex_device()
+    if device is None:
+        from torchtune.data import padded_collate_packed
+
+        return padded_collate_packed(batch)
+    out = {key: _to_device(torch.stack([torch.as_tensor(x[key]) for x in batch]), device)
+           for key in ("tokens", "labels", "input_pos")}
+    out["mask"] = packed_block_mask([x["seq_lens"] for x in batch], out["tokens"].shape[-1], device)
+    return out

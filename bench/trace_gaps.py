@@ -112,6 +112,7 @@ def gap_report(trace: dict, *, min_gap_us: float = 5.0, top: int = 15) -> dict:
     starts = [m[0] for m in merged]
     per_step, idle_top, idle_inner = [], defaultdict(float), defaultdict(float)
     kinds: dict[str, float] = defaultdict(float)
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     biggest: list[tuple[float, str, str, int]] = []
     for num, t0, t1 in steps:
         busy, idle = 0.0, 0.0
@@ -140,6 +141,8 @@ def gap_report(trace: dict, *, min_gap_us: float = 5.0, top: int = 15) -> dict:
     for s, e, ev in gpu:
         if s >= lo and e <= hi:
             kinds[kernel_kind(ev.get("name", ""))] += e - s
+            by_name[ev.get("name", "")[:160]][0] += 1
+            by_name[ev.get("name", "")[:160]][1] += e - s
     blocking: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for ev in events:
         if ev.get("ph") == "X" and ev.get("cat") in RUNTIME_CATS and BLOCKING.search(ev.get("name", "")) \
@@ -161,6 +164,8 @@ def gap_report(trace: dict, *, min_gap_us: float = 5.0, top: int = 15) -> dict:
         "largest_gaps": [{"us": g, "top": t, "inner": i, "step": s}
                          for g, t, i, s in sorted(biggest, reverse=True)[:top]],
         "gpu_ms_per_step_by_kind": {k: v / 1e3 / n for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": k, "calls_per_step": c / n, "ms_per_step": d / 1e3 / n}
+                        for k, (c, d) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:40]],
         "blocking_calls_per_step": {k: {"calls": c / n, "ms": d / 1e3 / n} for k, (c, d) in blocking.items()},
         "min_gap_us": min_gap_us,
     }
@@ -178,6 +183,9 @@ def markdown(rep: dict) -> str:
               for r in rep["idle_by_inner_op"]]
     lines += ["", "| GPU time by kind | ms / step |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.2f} |" for k, v in rep["gpu_ms_per_step_by_kind"].items()]
+    lines += ["", "| kernel | calls / step | ms / step |", "| --- | ---: | ---: |"]
+    lines += [f"| `{r['name'][:100]}` | {r['calls_per_step']:.0f} | {r['ms_per_step']:.2f} |"
+              for r in rep["top_kernels"]]
     lines += ["", "| host-blocking call | calls / step | ms / step |", "| --- | ---: | ---: |"]
     lines += [f"| `{k}` | {v['calls']:.1f} | {v['ms']:.2f} |" for k, v in rep["blocking_calls_per_step"].items()]
     return "\n".join(lines) + "\n"

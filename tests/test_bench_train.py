@@ -169,8 +169,10 @@ def test_variants_swap_only_the_model_loss_and_collate_components(tmp_path):
     pc = bench.write_recipe_config(tmp_path / "p.yaml", preset="llama3-8b", variant="inlinepc", **common)
     assert pc["collate_fn"] == "kobllla.datasets.packed_collate" and pc["dataset"]["pack"] is True
     assert "packed" not in pc["dataset"] and "collate_fn" not in stock
-    with pytest.raises(ValueError, match=r"unknown variant 'bf16'; choose from \['fast', 'fp8', 'fp8all', 'fp8allpc', "
-                                         r"'fp8fast', 'fused', 'inline', 'inlinepc', 'shipped', 'stock', 'stockpc'\]"):
+    with pytest.raises(ValueError, match=r"unknown variant 'bf16'; choose from \['fast', 'fastfusedpc', 'fastpc', "
+                                         r"'fastpcsafe', 'fp8', 'fp8all', 'fp8allpc', 'fp8allpcsafe', 'fp8fast', "
+                                         r"'fused', 'inline', 'inlinepc', 'inlinepcsafe', 'shipped', 'stock', "
+                                         r"'stockpc'\]"):
         bench.write_recipe_config(tmp_path / "x.yaml", preset="tiny", variant="bf16", **common)
 
 

@@ -7,6 +7,11 @@ lengths (median ~700 tokens, as the stage-1 benchmark's packs). Per ``kernel_opt
 median of CUDA-event timings and the largest difference of output and gradients from the
 default options' (so a set that changes the math shows up).
 
+Measured on one H200 (torch 2.11, docs/benchmarks.md): the defaults were fastest (1.26 ms); the
+128 x 128 forward tile and the other backward tiles were 12-84 % slower; ``ROWS_GUARANTEED_SAFE`` +
+``BLOCKS_ARE_CONTIGUOUS`` gave NaN outputs on these masks (and NaN losses in the recipe), so kobllla
+passes no kernel options.
+
     python bench/flex_probe_gpu.py --out OUT/flex.json [--iters 20] [--deadline-s 200]
 """
 

@@ -357,7 +357,6 @@ def tiny_model_block() -> dict:
 _TT_MODEL, _KB_MODEL = "torchtune.models.llama3.lora_llama3_8b", "kobllla.models.lora_llama3_8b"
 _TT_LOSS, _FUSED_LOSS = "torchtune.modules.loss.CEWithChunkedOutputLoss", "kobllla.losses.FusedLinearCrossEntropyLoss"
 _INLINE = {"attention": "flex_inline"}
-_SAFE = {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}
 _FP8ALL = {"fp8": True, "fp8_output": True, "fuse_projections": True, "attention": "flex_inline"}
 VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
     "shipped": None,
@@ -375,12 +374,8 @@ VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
     "fp8allpc": (_KB_MODEL, _FP8ALL, _TT_LOSS, "kobllla"),
     "fastpc": (_KB_MODEL, {"fuse_projections": True, **_INLINE}, _TT_LOSS, "kobllla"),
     "fastfusedpc": (_KB_MODEL, {"fuse_projections": True, "output": "hidden", **_INLINE}, _FUSED_LOSS, "kobllla"),
-    # + flex kernel options that hold for packed document-causal masks
-    "fastpcsafe": (_KB_MODEL, {"fuse_projections": True, **_INLINE, "flex_options": _SAFE}, _TT_LOSS, "kobllla"),
-    "inlinepcsafe": (_KB_MODEL, {**_INLINE, "flex_options": _SAFE}, _TT_LOSS, "kobllla"),
-    "fp8allpcsafe": (_KB_MODEL, {**_FP8ALL, "flex_options": _SAFE}, _TT_LOSS, "kobllla"),
 }
-SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention", "flex_options")
+SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention")
 PACKED_COLLATE = "kobllla.datasets.packed_collate"
 
 

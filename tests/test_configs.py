@@ -90,8 +90,11 @@ def test_every_dataset_in_the_config_builds_on_the_fixtures(path: Path, tmp_path
         assert len(ds) > 0
         sample = ds[0]
         assert len(sample["tokens"]) == len(sample["labels"]) <= cfg.tokenizer.max_seq_len
-        if node.get("packed"):
+        if node.get("packed") or node.get("pack"):
             assert isinstance(ds, PackedDataset)
+        if node.get("pack"):  # torchtune's recipes honour collate_fn only when `packed` is unset
+            assert cfg.get("collate_fn") == "kobllla.datasets.packed_collate", f"{path}: pack: True without collate_fn"
+            assert not node.get("packed")
         built.append(ds)
     if len(built) > 1:
         assert ConcatDataset(built).packed == all(isinstance(d, PackedDataset) for d in built)

@@ -140,15 +140,6 @@ def test_bad_fast_options_are_refused_with_the_fix():
         models.lora_llama3(["q_proj"], **SHAPE, attention="sdpa")
     with pytest.raises(ValueError, match=r"model.fp8_output needs model.fp8: True"):
         models.lora_llama3(["q_proj"], **SHAPE, fp8_output=True)
-    with pytest.raises(ValueError, match=r"model.flex_options needs model.attention: flex_inline"):
-        models.lora_llama3(["q_proj"], **SHAPE, flex_options={"ROWS_GUARANTEED_SAFE": True})
-    with pytest.raises(ValueError, match=r"model.flex_options: unknown kernel option 'ROWS_SAFE'; known"):
-        models.lora_llama3(["q_proj"], **SHAPE, attention="flex_inline", flex_options={"ROWS_SAFE": True})
-    with pytest.raises(ValueError, match=r"model.flex_options must be a mapping"):
-        models.lora_llama3(["q_proj"], **SHAPE, attention="flex_inline", flex_options=[1])
-    opts = OmegaConf.create({"ROWS_GUARANTEED_SAFE": True, "bwd_BLOCK_M1": 64})
-    model = models.lora_llama3(["q_proj"], **SHAPE, attention="flex_inline", flex_options=opts)
-    assert model.layers[0].attn._flex_options == {"ROWS_GUARANTEED_SAFE": True, "bwd_BLOCK_M1": 64}
     with pytest.raises(ValueError, match=r"model.fp8_output needs output: logits"):
         models.lora_llama3(["q_proj"], **SHAPE, fp8=True, fp8_output=True, output="hidden")
     from kobllla.models._fast import apply_fast_layers

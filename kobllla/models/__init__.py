@@ -12,9 +12,6 @@
 - ``fuse_projections=True``: q/k/v as one frozen matmul, gate/up as one (``kobllla.models._fast``).
 - ``attention="flex_inline"``: flex attention traced into each compiled layer's graph instead of
   torchtune's separately compiled call (one graph per layer, not three; ``kobllla.models._fast``).
-  ``flex_options`` passes ``kernel_options`` to that call, e.g. ``{ROWS_GUARANTEED_SAFE: True,
-  BLOCKS_ARE_CONTIGUOUS: True}``, which hold for the document-causal masks of packed batches
-  (every row sees itself; each row's visible blocks run from its document's start to the diagonal).
 
 Weights, state-dict keys and checkpoints are torchtune's: a checkpoint saved by a run with
 either option loads into the stock builder and vice versa.
@@ -32,7 +29,6 @@ Config::
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from torch import nn
@@ -57,36 +53,8 @@ class HiddenStateDecoder(TransformerDecoder):
         )
 
 
-FLEX_OPTION_NAMES = frozenset({
-    "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2",
-    "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "USE_TMA",
-})
-
-
-def check_flex_options(options: object, attention: str) -> dict | None:
-    """``model.flex_options`` as a plain dict, or a one-line error naming the bad key."""
-    if options is None:
-        return None
-    if attention != "flex_inline":
-        raise ValueError("model.flex_options needs model.attention: flex_inline (torchtune's own flex call "
-                         "takes no kernel options)")
-    try:
-        items = dict(options)
-    except (TypeError, ValueError):
-        raise ValueError(f"model.flex_options must be a mapping of kernel option names to values, "
-                         f"got {options!r}") from None
-    for key in items:
-        base = re.sub(r"^(fwd_|bwd_)", "", str(key))
-        if base not in FLEX_OPTION_NAMES:
-            raise ValueError(f"model.flex_options: unknown kernel option {key!r}; known (optionally with a fwd_/bwd_ "
-                             f"prefix): {', '.join(sorted(FLEX_OPTION_NAMES))}")
-    return {str(k): v for k, v in items.items()}
-
-
 def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool, fp8_output: bool = False,
-           fuse_projections: bool = False, attention: str = "flex",
-           flex_options: dict | None = None) -> TransformerDecoder:
-    flex_options = check_flex_options(flex_options, attention)
+           fuse_projections: bool = False, attention: str = "flex") -> TransformerDecoder:
     if output not in ("logits", "hidden"):
         raise ValueError(f"model.output must be 'logits' or 'hidden', got {output!r}")
     if fp8_output and not fp8:
@@ -108,8 +76,7 @@ def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool, fp8_output: 
     if fuse_projections or attention != "flex":
         from kobllla.models._fast import apply_fast_layers
 
-        apply_fast_layers(model, fuse_projections=fuse_projections, attention=attention, fp8=fp8,
-                          flex_options=flex_options)
+        apply_fast_layers(model, fuse_projections=fuse_projections, attention=attention, fp8=fp8)
     return model
 
 
@@ -126,21 +93,19 @@ def lora_llama3_8b(
     fp8_output: bool = False,
     fuse_projections: bool = False,
     attention: str = "flex",
-    flex_options: dict | None = None,
 ) -> TransformerDecoder:
     """torchtune's ``lora_llama3_8b`` with the speed options (see the module docstring).
 
     Raises:
         ValueError: an unknown ``output`` or ``attention``, ``output="hidden"`` with LoRA on the output
-            projection, ``fp8_output`` without ``fp8`` or with ``output="hidden"``, ``flex_options``
-            without ``attention="flex_inline"`` or with an unknown key.
+            projection, ``fp8_output`` without ``fp8`` or with ``output="hidden"``.
     """
     from torchtune.models.llama3 import lora_llama3_8b as build
 
     model = build(lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     return _adapt(model, output=output, fp8=fp8, fp8_output=fp8_output, fuse_projections=fuse_projections,
-                  attention=attention, flex_options=flex_options)
+                  attention=attention)
 
 
 def lora_llama3(
@@ -165,7 +130,6 @@ def lora_llama3(
     fp8_output: bool = False,
     fuse_projections: bool = False,
     attention: str = "flex",
-    flex_options: dict | None = None,
 ) -> TransformerDecoder:
     """torchtune's ``lora_llama3`` (any shape: the tiny test models) with the speed options."""
     from torchtune.models.llama3 import lora_llama3 as build
@@ -175,4 +139,4 @@ def lora_llama3(
                   max_seq_len=max_seq_len, intermediate_dim=intermediate_dim, norm_eps=norm_eps, rope_base=rope_base,
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     return _adapt(model, output=output, fp8=fp8, fp8_output=fp8_output, fuse_projections=fuse_projections,
-                  attention=attention, flex_options=flex_options)
+                  attention=attention)

@@ -106,7 +106,6 @@ class FastAttention(_FusedGroup, MultiHeadAttention):
 
     _fuse = False
     _attention: Attention = "flex"
-    _flex_options: dict | None = None
 
     def _fused_members(self) -> list[nn.Module]:
         return [self.q_proj, self.k_proj, self.v_proj]
@@ -145,7 +144,7 @@ class FastAttention(_FusedGroup, MultiHeadAttention):
 
             if self.training and self.attn_dropout > 0.0:
                 raise ValueError("flex attention does not support dropout; set attn_dropout to 0.0")
-            out = flex_attention(q, k, v, block_mask=mask, kernel_options=self._flex_options)
+            out = flex_attention(q, k, v, block_mask=mask)
         else:
             out = self._attention_call(q, k, v, mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
                                        is_causal=self.kv_cache is None and mask is None and self.is_causal)
@@ -170,8 +169,7 @@ class FusedFeedForward(_FusedGroup, FeedForward):
         return self.w2(self.activation(gate) * up)
 
 
-def apply_fast_layers(model: nn.Module, *, fuse_projections: bool, attention: Attention, fp8: bool,
-                      flex_options: dict | None = None) -> None:
+def apply_fast_layers(model: nn.Module, *, fuse_projections: bool, attention: Attention, fp8: bool) -> None:
     """Swaps the model's attention and MLP modules for the classes above, in place.
 
     Raises:
@@ -184,7 +182,6 @@ def apply_fast_layers(model: nn.Module, *, fuse_projections: bool, attention: At
         if isinstance(module, MultiHeadAttention) and (fuse_projections or attention != "flex"):
             module.__class__ = FastAttention
             module._attention = attention
-            module._flex_options = flex_options
             if fuse_projections:
                 _check_fusable(name, module._fused_members())
                 module._fuse = True

@@ -10,8 +10,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from kobllla.atomic import atomic_output_dir, write_json
 from kobllla.chat_format import write_chat_stop_tokens
 from kobllla.chat_vector.checks import (
@@ -67,7 +65,7 @@ class ChatVectorOptions:
         max_shard_bytes (int): output shard size.
         chunk_elements (int): elements per streamed slice; memory is about
             ``(workers + 1) x 42 bytes x chunk_elements`` (1M: ~0.4 GB with 8 workers).
-        workers (int | None): threads reading, computing and hashing slices (each torch op
+        workers (int | None): threads reading, computing and hashing slices (each numpy op
             single-threaded); None: :func:`default_workers`.
         progress (bool): show a progress bar (bytes read, GB/s) on stderr.
         hash_files (bool): record sha256 of every input and output file in the manifest (inputs
@@ -345,6 +343,12 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 
 @contextmanager
 def _single_threaded_ops() -> Iterator[None]:
+    """torch ops (q/k reordering of a Meta pickle) on one thread, if torch is loaded at all
+    (safetensors inputs never load it; the arithmetic is numpy's, one thread per worker)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -9,22 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
-from kobllla.checkpoint_io import Checkpoint
+from kobllla.checkpoint_io import Checkpoint, DType, as_dtype
 
 EmbeddingPolicy = Literal["error", "skip", "overlap"]
 OutDtype = Literal["auto", "bfloat16", "float16", "float32"]
 VectorDtype = Literal["float32", "bfloat16"]
 
 EMBEDDING_POLICIES: tuple[str, ...] = ("error", "skip", "overlap")
-OUT_DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+OUT_DTYPES: dict[str, DType | None] = {
+    "auto": None, "bfloat16": as_dtype("bfloat16"), "float16": as_dtype("float16"), "float32": as_dtype("float32"),
 }
 VOCAB_TENSORS: tuple[str, ...] = ("model.embed_tokens.weight", "lm_head.weight")
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
-                torch.bfloat16: "bfloat16"}
+_FLOAT_DTYPES = tuple(as_dtype(n) for n in ("float64", "float32", "float16", "bfloat16"))
+DTYPE_NAMES: dict[DType, str] = {d: d.name for d in _FLOAT_DTYPES}
 
 # Config fields that must agree for a weight difference to mean the same thing in the target.
 # vocab_size is left out: a differing vocabulary is the --embeddings policy's business.
@@ -50,7 +47,7 @@ class Segment:
 @dataclass(frozen=True)
 class TensorPlan:
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     segments: tuple[Segment, ...]
 

@@ -89,7 +89,7 @@ def describe_input(ckpt: Checkpoint, *, hashes: dict[Path, SequentialHasher] | N
 
 
 def versions() -> dict[str, str]:
-    return package_versions("kobllla", "torch", "safetensors", "python")
+    return package_versions("kobllla", "numpy", "torch", "safetensors", "python")
 
 
 def copy_chat_files(out: Path, instruct: Path) -> dict[str, str]:

@@ -11,7 +11,9 @@ presents it under Hugging Face tensor names:
   ``weights_only=True`` (no arbitrary objects are unpickled) and ``mmap=True``.
 
 Safetensors files are read with ``os.preadv`` into a caller's buffer rather than through
-mmap, so resident memory stays at the size of that buffer however large the model is.
+mmap, so resident memory stays at the size of that buffer however large the model is. Reading
+and writing safetensors needs numpy and the stdlib only: dtypes are :class:`DType` (torch's
+names, no torch), and torch is imported only for pickles or a caller that wants torch tensors.
 
 Writing: :class:`StreamingSafetensorsWriter` lays out all shards up front from the tensor
 names, dtypes and shapes, writes each shard's header first and then streams tensor bytes
@@ -33,7 +35,9 @@ from kobllla.checkpoint_io.layout import (
     SAFETENSORS_DTYPES,
     SINGLE_NAME,
     CheckpointFormat,
+    DType,
     TensorInfo,
+    as_dtype,
 )
 from kobllla.checkpoint_io.meta_names import meta_to_hf_name, permute_meta_to_hf
 from kobllla.checkpoint_io.read import Checkpoint, open_checkpoint, read_safetensors_header
@@ -47,8 +51,8 @@ from kobllla.checkpoint_io.write import (
 
 __all__ = [
     "BIN_INDEX_NAME", "BIN_SINGLE_NAME", "INDEX_NAME", "SAFETENSORS_DTYPES", "SINGLE_NAME", "Checkpoint",
-    "CheckpointFormat", "PlannedShard", "SequentialHasher", "ShardedSafetensorsWriter", "StreamingSafetensorsWriter",
-    "TensorInfo", "atomic_output_dir", "meta_to_hf_name", "open_checkpoint", "permute_meta_to_hf", "plan_shards",
-    "read_safetensors_header", "shard_name",
+    "CheckpointFormat", "DType", "PlannedShard", "SequentialHasher", "ShardedSafetensorsWriter",
+    "StreamingSafetensorsWriter", "TensorInfo", "as_dtype", "atomic_output_dir", "meta_to_hf_name",
+    "open_checkpoint", "permute_meta_to_hf", "plan_shards", "read_safetensors_header", "shard_name",
     "write_json",  # re-exported for old callers; new code imports it from the torch-free kobllla.atomic
 ]

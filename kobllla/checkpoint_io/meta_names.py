@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Meta (consolidated.*.pth / torchtune's Meta output) names -> Hugging Face names.
 _META_TO_HF = {

@@ -1,5 +1,9 @@
 """Reading a checkpoint in any layout a Llama 3 checkpoint comes in (see the package
-docstring), one tensor slice at a time, under Hugging Face tensor names."""
+docstring), one tensor slice at a time, under Hugging Face tensor names.
+
+Safetensors checkpoints are read with numpy and the stdlib only (:meth:`Checkpoint.read_array`);
+torch is imported only to load a torch pickle or when a caller asks for torch tensors
+(:meth:`Checkpoint.read_slice`, :meth:`Checkpoint.read_tensor`)."""
 
 from __future__ import annotations
 
@@ -8,8 +12,9 @@ import os
 import struct
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from kobllla.checkpoint_io.layout import (
     BIN_INDEX_NAME,
@@ -19,10 +24,15 @@ from kobllla.checkpoint_io.layout import (
     SAFETENSORS_DTYPES,
     SINGLE_NAME,
     CheckpointFormat,
+    DType,
     TensorInfo,
+    as_dtype,
 )
 from kobllla.checkpoint_io.meta_names import meta_to_hf_name, permute_meta_to_hf
 from kobllla.jsonl import read_json
+
+if TYPE_CHECKING:
+    import torch
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -117,23 +127,22 @@ class Checkpoint:
         self._loaded.clear()
         self._current = None
 
-    def read_slice(self, name: str, start: int, count: int, buffer: torch.Tensor) -> torch.Tensor:
-        """Elements ``[start, start + count)`` of the flattened tensor, in its stored dtype.
+    def read_array(self, name: str, start: int, count: int, buffer: np.ndarray) -> np.ndarray:
+        """Elements ``[start, start + count)`` of the flattened tensor as a numpy array of its
+        stored bits (:attr:`DType.numpy`: bfloat16 comes as ``uint16``); no torch for safetensors.
 
-        For safetensors the bytes are read into ``buffer`` (a uint8 tensor of at least
+        For safetensors the bytes are read into ``buffer`` (a uint8 array of at least
         ``count * itemsize`` bytes) and a view of it is returned; for pickles a view of the
         memory-mapped tensor is returned. Either way the result is valid until the next call.
         """
-        info = self.tensors[name]
-        if start < 0 or count < 0 or start + count > info.numel:
-            raise ValueError(f"{self.path}: tensor {name}: slice [{start}, {start + count}) "
-                             f"is outside its {info.numel} elements")
+        info = self._checked(name, start, count)
         if info.offset is None:
-            return self._pickled(name).view(-1)[start:start + count]
+            part = self._pickled(name).view(-1)[start:start + count]
+            return part.view(_torch().uint8).numpy().view(info.dtype.numpy)
         nbytes = count * info.dtype.itemsize
-        if buffer.dtype != torch.uint8 or buffer.numel() < nbytes:
+        if buffer.dtype != np.uint8 or buffer.size < nbytes:
             raise ValueError(f"read buffer must be uint8 with at least {nbytes} bytes")
-        view = buffer.numpy()[:nbytes].data
+        view = buffer[:nbytes].data
         fd = self._fd(info.file)
         done, pos = 0, info.offset + start * info.dtype.itemsize
         while done < nbytes:
@@ -142,13 +151,32 @@ class Checkpoint:
                 raise ValueError(f"{info.file}: tensor {name}: file ended early "
                                  "(truncated while reading?); re-download or re-save it")
             done += n
-        return buffer[:nbytes].view(info.dtype)
+        return buffer[:nbytes].view(info.dtype.numpy)
+
+    def read_slice(self, name: str, start: int, count: int, buffer: torch.Tensor) -> torch.Tensor:
+        """:meth:`read_array` for torch callers: ``buffer`` is a uint8 tensor and the result a
+        tensor of the stored dtype (a view of ``buffer``, or of the memory-mapped pickle)."""
+        info = self._checked(name, start, count)
+        if info.offset is None:
+            return self._pickled(name).view(-1)[start:start + count]
+        torch = _torch()
+        if buffer.dtype != torch.uint8:
+            raise ValueError(f"read buffer must be uint8 with at least {count * info.dtype.itemsize} bytes")
+        self.read_array(name, start, count, buffer.numpy())
+        return buffer[:count * info.dtype.itemsize].view(info.dtype.torch)
 
     def read_tensor(self, name: str) -> torch.Tensor:
-        """The whole tensor, shaped, as a new tensor (for small tensors and tests)."""
+        """The whole tensor, shaped, as a new torch tensor (for small tensors and tests)."""
         info = self.tensors[name]
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        buf = _torch().empty(info.nbytes, dtype=_torch().uint8)
         return self.read_slice(name, 0, info.numel, buf).clone().view(info.shape)
+
+    def _checked(self, name: str, start: int, count: int) -> TensorInfo:
+        info = self.tensors[name]
+        if start < 0 or count < 0 or start + count > info.numel:
+            raise ValueError(f"{self.path}: tensor {name}: slice [{start}, {start + count}) "
+                             f"is outside its {info.numel} elements")
+        return info
 
     def _fd(self, path: Path) -> int:
         with self._lock:
@@ -264,7 +292,7 @@ def _open_pickles(path: Path, files: list[Path], *, config: dict | None, params:
     for file in files:
         for name, tensor in _load_pickle(file).items():
             loaded[name] = tensor
-            tensors[name] = TensorInfo(name, tensor.dtype, tuple(tensor.shape), file)
+            tensors[name] = TensorInfo(name, _pickle_dtype(tensor), tuple(tensor.shape), file)
     meta = any(not n.startswith(("model.", "lm_head.")) for n in loaded)
     if not meta:
         return Checkpoint(path, "torch-hf", files, tensors, config=config, params=params, loaded=loaded)
@@ -277,7 +305,25 @@ def _open_pickles(path: Path, files: list[Path], *, config: dict | None, params:
     return Checkpoint(path, "torch-meta", files, tensors, config=config, params=params, loaded=loaded)
 
 
+def _pickle_dtype(tensor: torch.Tensor) -> DType:
+    """The tensor's :class:`DType`; one safetensors cannot hold (float8, complex) gets an empty
+    code, so that the checks can name it and refuse it."""
+    try:
+        return as_dtype(tensor.dtype)
+    except ValueError:
+        size = tensor.element_size()
+        return DType(str(tensor.dtype).removeprefix("torch."), "", size, f"V{size}")
+
+
+def _torch():
+    """torch, imported on first use: only pickles and torch callers need it."""
+    import torch
+
+    return torch
+
+
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    torch = _torch()
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises several types for bad or unsafe pickles

@@ -12,14 +12,15 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+import numpy as np
 
 from kobllla.atomic import write_json
-from kobllla.checkpoint_io.layout import INDEX_NAME, SAFETENSORS_DTYPES, SINGLE_NAME, nbytes_of
+from kobllla.checkpoint_io.layout import INDEX_NAME, SINGLE_NAME, DType, as_dtype, nbytes_of
 
-_DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
 
 
 def shard_name(index: int, total: int) -> str:
@@ -76,6 +77,8 @@ class ShardedSafetensorsWriter:
     def _flush(self) -> None:
         if not self._buffer:
             return
+        from safetensors.torch import save_file  # this writer holds torch tensors: torch is loaded
+
         path = self.out_dir / f".shard-{len(self._shards):05d}.partial"
         save_file(self._buffer, str(path), metadata=self.metadata)
         self._shards.append((path, list(self._buffer)))
@@ -115,7 +118,7 @@ class PlannedShard:
 
 
 def plan_shards(
-    tensors: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensors: Sequence[tuple[str, DType | torch.dtype, tuple[int, ...]]],
     *,
     max_shard_bytes: int,
     metadata: dict[str, str] | None = None,
@@ -124,12 +127,17 @@ def plan_shards(
 
     Within a shard, tensors with wider elements come first (stable otherwise) so every
     tensor's data starts at an offset aligned to its element size, as safetensors does.
+    Dtypes may be :class:`DType` or ``torch.dtype`` (read by name; torch is not imported).
     """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    groups: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    groups: list[list[tuple[str, DType, tuple[int, ...]]]] = [[]]
     size = 0
-    for item in tensors:
+    for name, dtype, shape in tensors:
+        try:
+            item = (name, as_dtype(dtype), tuple(shape))
+        except ValueError as exc:
+            raise ValueError(f"tensor {name}: {exc}") from None
         nbytes = nbytes_of(item[1], item[2])
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
@@ -149,15 +157,13 @@ def plan_shards(
 
 
 def _safetensors_header(
-    group: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
+    group: Sequence[tuple[str, DType, tuple[int, ...]]], metadata: dict[str, str]
 ) -> tuple[bytes, int]:
     entries: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape in group:
-        if dtype not in _DTYPE_CODES:
-            raise ValueError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors here")
         nbytes = nbytes_of(dtype, shape)
-        entries[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape),
+        entries[name] = {"dtype": dtype.code, "shape": list(shape),
                          "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(entries, separators=(",", ":")).encode("utf-8")
@@ -203,19 +209,20 @@ class StreamingSafetensorsWriter:
         self.sha256: dict[str, str] = {}
         self.total_bytes = sum(s.data_bytes for s in shards)
 
-    def write(self, name: str, data: torch.Tensor) -> None:
-        """Appends ``data`` (a contiguous slice of tensor ``name``, in its output dtype)."""
+    def write(self, name: str, data: np.ndarray | torch.Tensor) -> None:
+        """Appends ``data`` (a contiguous slice of tensor ``name``, in its output dtype: a numpy
+        array of the stored bits, or a torch tensor)."""
         if self._next >= len(self.order) or name != self.order[self._next]:
             expected = self.order[self._next] if self._next < len(self.order) else "nothing"
             raise ValueError(f"write order: got tensor {name!r}, expected {expected!r}")
         shard = self._shard_of[name]
         if shard != self._file_index:
             self._open(shard)
-        raw = data.detach().contiguous().view(-1).view(torch.uint8)
-        self._written += raw.numel()
+        raw = _as_bytes(data)
+        self._written += raw.nbytes
         if self._written > self._sizes[name]:
             raise ValueError(f"tensor {name!r}: more bytes written than its {self._sizes[name]}")
-        self._emit(raw.numpy().data)
+        self._emit(raw)
         if self._written == self._sizes[name]:
             self._next += 1
             self._written = 0
@@ -265,6 +272,15 @@ class StreamingSafetensorsWriter:
             self._file.close()
             self._file = None
         self._flusher.shutdown(wait=True)
+
+
+def _as_bytes(data: np.ndarray | torch.Tensor) -> memoryview:
+    """The bytes of a numpy array or a torch tensor (copied only when not contiguous)."""
+    if not isinstance(data, np.ndarray):  # a torch tensor: its caller has torch loaded already
+        import torch
+
+        data = data.detach().contiguous().reshape(-1).cpu().view(torch.uint8).numpy()
+    return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
 
 
 def _fsync_close(handle) -> None:

@@ -305,7 +305,12 @@ def check_hashes(out: Path, instruct: Path) -> list[bool]:
         return [got == e["sha256"] for got, e in zip(pool.map(digest, files), entries, strict=True)]
 
 
-def cold(work: Path, out_dir: Path, preset: str, budget_s: float, drop: bool) -> None:
+# The CLI with torch imported first: what every run cost before the merge stopped importing torch.
+WITH_TORCH = ("import sys, runpy, torch; sys.argv = ['tools.chat_vector', *sys.argv[1:]]; "
+              "runpy.run_module('tools.chat_vector', run_name='__main__')")
+
+
+def cold(work: Path, out_dir: Path, preset: str, budget_s: float, drop: bool, ab_torch: bool = False) -> None:
     import time
 
     t0 = time.perf_counter()
@@ -313,12 +318,18 @@ def cold(work: Path, out_dir: Path, preset: str, budget_s: float, drop: bool) ->
     print(json.dumps({"inputs_written_s": round(time.perf_counter() - t0, 1),
                       "input_gb": round(sum(f.stat().st_size for p in inputs.values()
                                                 for f in p.glob("*.safetensors")) / 1e9, 2)}), flush=True)
-    base = [sys.executable, "-m", "tools.chat_vector", "--base", str(inputs["base"]), "--instruct",
-            str(inputs["instruct"]), "--target", str(inputs["target"]), "--quiet"]
+    args = ["--base", str(inputs["base"]), "--instruct", str(inputs["instruct"]), "--target", str(inputs["target"]),
+            "--quiet"]
+    plain, torch_first = [sys.executable, "-m", "tools.chat_vector", *args], [sys.executable, "-c", WITH_TORCH, *args]
     out = out_dir / "cv-out"
     runs = [("default, cold", [], True), ("--no-hash --workers 8, cold", ["--no-hash", "--workers", "8"], True),
             ("default, warm", [], False)]
+    if ab_torch:  # alternated, so that a drifting disk shows in both
+        runs = [("default, cold", [], True), ("default with torch imported first, cold", [], True),
+                ("default, cold, 2nd", [], True), ("default with torch imported first, cold, 2nd", [], True),
+                ("--no-hash --workers 8, cold", ["--no-hash", "--workers", "8"], True)]
     for label, extra, want_cold in runs:
+        base = torch_first if "torch imported" in label else plain
         if time.perf_counter() - t0 > budget_s:
             print(json.dumps({label: "skipped: out of time"}), flush=True)
             continue
@@ -342,8 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--preset", default="llama3-8b")
         p.add_argument("--budget-s", type=float, default=150.0, help="start no run after this many seconds")
         p.add_argument("--keep-caches", action="store_true", help="do not drop the page cache (a shared machine)")
+        p.add_argument("--ab-torch", action="store_true",
+                       help="alternate the default command with the same command after `import torch`")
         a = p.parse_args(argv[1:])
-        cold(a.work, a.out_dir, a.preset, a.budget_s, not a.keep_caches)
+        cold(a.work, a.out_dir, a.preset, a.budget_s, not a.keep_caches, a.ab_torch)
         return 0
     if argv and argv[0] == "naive":
         naive(*(Path(a) for a in argv[1:5]))

@@ -189,13 +189,36 @@ def check_datasets(cfg, *, config: Path) -> int:
     from omegaconf import ListConfig
     from torchtune import config as tt_config
 
-    tokenizer = _built(lambda: tt_config.instantiate(cfg.tokenizer), f"{config}: tokenizer")
     parts = list(cfg.dataset) if isinstance(cfg.dataset, ListConfig) else [cfg.dataset]
+    check_packed_collate(cfg, parts, config=config)
+    tokenizer = _built(lambda: tt_config.instantiate(cfg.tokenizer), f"{config}: tokenizer")
     for i, part in enumerate(parts):
         where = f"dataset[{i}]" if isinstance(cfg.dataset, ListConfig) else "dataset"
         _built(lambda part=part: tt_config.instantiate(part, tokenizer),
                f"{config}: {where} ({part.get('_component_', '?')})")
     return len(parts)
+
+
+PACKED_COLLATE = "kobllla.datasets.packed_collate"
+
+
+def check_packed_collate(cfg, parts: list, *, config: Path) -> None:
+    """``dataset.pack`` and ``collate_fn: kobllla.datasets.packed_collate`` go together.
+
+    torchtune's recipes use the config's ``collate_fn`` only when ``dataset.packed`` is unset, so
+    ``pack: True`` without it would collate packs with ``padded_collate_sft`` (no document masks).
+
+    Raises:
+        ValueError: one without the other, naming the config and the fix.
+    """
+    collate = cfg.get("collate_fn")
+    packs = [bool(part.get("pack", False)) for part in parts]
+    if any(packs) and collate != PACKED_COLLATE:
+        raise ValueError(f"{config}: dataset.pack: True needs `collate_fn: {PACKED_COLLATE}` at the config's top "
+                         f"level (got {collate or 'none'}); torchtune's collate would drop the document masks")
+    if collate == PACKED_COLLATE and not all(packs):
+        raise ValueError(f"{config}: collate_fn: {PACKED_COLLATE} needs every dataset built with pack: True "
+                         "(set dataset.pack=True and drop dataset.packed)")
 
 
 def _built(build, where: str):

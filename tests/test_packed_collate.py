@@ -113,8 +113,47 @@ def test_pack_dataset_refuses_to_run_without_packed_collate(monkeypatch, llama3_
     ds[4]  # once the collate has run in this process, no more checks
 
 
+def test_pack_dataset_refuses_a_data_loader_with_another_collate_at_its_first_batch(llama3_tok, assets):
+    from functools import partial
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from torchtune.data import padded_collate_sft
+
+    kw = dict(source="csv", data_files=str(assets / "kowiki_tiny.csv"), max_seq_len=32)
+    wrong = partial(padded_collate_sft, padding_idx=0, ignore_idx=-100)  # what the recipe passes by default
+    loader = StatefulDataLoader(kowikitext_dataset(llama3_tok, pack=True, **kw), batch_size=2, collate_fn=wrong)
+    with pytest.raises(RuntimeError, match=r"the data loader collates with padded_collate_sft; add `collate_fn: "
+                                           r"kobllla.datasets.packed_collate` to the config"):
+        next(iter(loader))
+    right = partial(packed_collate, padding_idx=0, ignore_idx=-100)
+    ds = kowikitext_dataset(llama3_tok, pack=True, **kw)
+    batches = list(StatefulDataLoader(ds, batch_size=2, collate_fn=right))
+    ref = list(StatefulDataLoader(kowikitext_dataset(llama3_tok, packed=True, **kw), batch_size=2,
+                                  collate_fn=padded_collate_packed))
+    assert len(batches) == len(ref) > 1
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(batches, ref, strict=True) for k in a)
+
+
 @pytest.mark.integration  # two real `tune run`s (~25 CPU-s)
 def test_stock_recipe_trains_the_same_with_pack_and_packed_collate(tmp_path, tiny_base):
     stock = _recipe_losses(tmp_path, tiny_base, "stock")
     ours = _recipe_losses(tmp_path, tiny_base, "stockpc")
     assert len(stock) >= 2 and ours == stock
+
+
+def test_config_check_pairs_pack_with_packed_collate():
+    from omegaconf import OmegaConf
+
+    from kobllla.cpu_bridge import check_packed_collate
+
+    def check(text: str) -> None:
+        cfg = OmegaConf.create(text)
+        check_packed_collate(cfg, [cfg.dataset], config="c.yaml")
+
+    check("dataset: {pack: True}\ncollate_fn: kobllla.datasets.packed_collate")
+    check("dataset: {packed: True}")
+    with pytest.raises(ValueError, match=r"^c.yaml: dataset.pack: True needs `collate_fn: kobllla.datasets."
+                                         r"packed_collate` at the config's top level \(got none\)"):
+        check("dataset: {pack: True}")
+    with pytest.raises(ValueError, match=r"needs every dataset built with pack: True"):
+        check("dataset: {packed: True}\ncollate_fn: kobllla.datasets.packed_collate")

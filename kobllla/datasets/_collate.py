@@ -22,6 +22,9 @@ GPU. Use it with a dataset built with ``pack=True`` (torchtune's recipes only ho
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import numpy as np
 import torch
 
@@ -38,22 +41,61 @@ class CollateGuard:
 
     Without ``dataset.packed`` set, torchtune's recipes collate with ``collate_fn`` (by default
     ``padded_collate_sft``), which would silently drop ``seq_lens`` and let every token attend
-    across document boundaries. Call :meth:`check` from ``__getitem__``.
+    across document boundaries. Call :meth:`check` from ``__getitem__``: at the first item it
+    looks up the data loader fetching it (the caller frames' ``self`` with this ``dataset`` and a
+    ``collate_fn``) and refuses any other collate at once; read without a data loader (or one it
+    cannot find), it refuses only after :data:`GUARD_ITEMS` items without ``packed_collate``.
     """
 
     def __init__(self, builder: str) -> None:
         self.builder = builder
         self.items = 0
+        self.confirmed = False
 
-    def check(self) -> None:
+    def _message(self, what: str) -> str:
+        return (f"{self.builder}(pack=True): {what}; add `collate_fn: kobllla.datasets.packed_collate` to the config "
+                "(or use `packed: True` for torchtune's own collate): without it the batches lose their document masks")
+
+    def check(self, dataset: object) -> None:
+        if self.confirmed:
+            return
+        if self.items == 0:
+            collate = _loader_collate(dataset)
+            if collate is not None:
+                if not _is_packed_collate(collate):
+                    name = getattr(_unwrap(collate), "__qualname__", repr(collate))
+                    raise RuntimeError(self._message(f"the data loader collates with {name}"))
+                self.confirmed = True
+                return
         if _seen_in_process:
             return
         self.items += 1
         if self.items > GUARD_ITEMS:
-            raise RuntimeError(
-                f"{self.builder}(pack=True): {GUARD_ITEMS} packs read but kobllla.datasets.packed_collate never "
-                "ran; add `collate_fn: kobllla.datasets.packed_collate` to the config (or use `packed: True` "
-                "for torchtune's own collate): without it the batches lose their document masks")
+            raise RuntimeError(self._message(f"{GUARD_ITEMS} packs read but kobllla.datasets.packed_collate never ran"))
+
+
+def _unwrap(fn: object) -> object:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
+def _is_packed_collate(fn: object) -> bool:
+    return _unwrap(fn) is packed_collate
+
+
+def _loader_collate(dataset: object, depth: int = 8) -> object | None:
+    """The ``collate_fn`` of the data-loader fetcher reading ``dataset`` (torch's ``_MapDatasetFetcher``
+    calls ``dataset[i]`` from ``fetch``), found among the caller frames; None if there is none."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if owner is not None and getattr(owner, "dataset", None) is dataset:
+            return getattr(owner, "collate_fn", None)
+        frame = frame.f_back
+    return None
 
 
 def document_ids(seq_lens: list[list[int]] | list[torch.Tensor], seq_len: int) -> np.ndarray:

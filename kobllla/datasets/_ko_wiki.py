@@ -149,7 +149,7 @@ class PackedTextDataset(PackedDataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if self._guard is not None:
-            self._guard.check()
+            self._guard.check(self)
         s, e = self._packs[index]
         sample = packed_sample(
             self._tokens[s:e], segments_in(self._ends, s, e),

@@ -213,7 +213,7 @@ class PretokenizedPackedDataset(_MappedCorpus, PackedDataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if self._guard is not None:
-            self._guard.check()
+            self._guard.check(self)
         index = _check_index(index, len(self))
         ends = self._corpus.doc_ends
         s, e = pack_bounds(self._run_starts, self._first_pack, int(ends[-1]), self.max_seq_len, index)

@@ -12,7 +12,8 @@ tables equal ``create_block_mask``'s (``tests/test_packed_collate.py``), compute
 the pack's ``seq_lens`` at block granularity (32 x 32 entries at seq 4096 instead of 16.8M mask
 elements), then sent with non-blocking copies from pinned memory, so nothing in it waits for the
 GPU. Use it with a dataset built with ``pack=True`` (torchtune's recipes only honour
-``collate_fn`` when ``packed`` is not set)::
+``collate_fn`` when ``packed`` is not set; such a dataset refuses any other collate, see
+:class:`CollateGuard`)::
 
     dataset:
       _component_: kobllla.datasets.kowikitext_dataset

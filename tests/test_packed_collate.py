@@ -157,3 +157,15 @@ def test_config_check_pairs_pack_with_packed_collate():
         check("dataset: {pack: True}")
     with pytest.raises(ValueError, match=r"needs every dataset built with pack: True"):
         check("dataset: {packed: True}\ncollate_fn: kobllla.datasets.packed_collate")
+
+
+def test_the_flex_branch_gives_torchtunes_tensors_and_block_tables(monkeypatch):
+    # the GPU branch, run on the CPU: the same tensors as padded_collate_packed and the BlockMask
+    # torchtune would build (its own mask is dense on the CPU, so compare with create_block_mask)
+    monkeypatch.setattr(_collate, "_flex_device", lambda: torch.device("cpu"))
+    lens = [[100, 28, 128], [256]]
+    batch = _packs(lens, 256)
+    ours, ref = packed_collate(batch, padding_idx=0, ignore_idx=-100), padded_collate_packed(batch)
+    assert all(torch.equal(ours[k], ref[k]) for k in ("tokens", "labels", "input_pos"))
+    want = _torchtune_block_mask(lens, 256)
+    assert all(torch.equal(getattr(ours["mask"], name), getattr(want, name)) for name in TABLES)

@@ -44,9 +44,9 @@ def kernel_kind(name: str) -> str:
         return "flex attention"
     if any(k in low for k in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "_scaled_mm", "matmul")):
         return "matmul"
-    if low.startswith("memcpy") or "memcpy" in low:
+    if "memcpy" in low:
         return "memcpy"
-    if low.startswith("memset") or "memset" in low:
+    if "memset" in low:
         return "memset"
     if "triton" in low:
         return "triton (fused elementwise/reductions)"

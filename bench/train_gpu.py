@@ -376,7 +376,7 @@ VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
     "fastfusedpc": (_KB_MODEL, {"fuse_projections": True, "output": "hidden", **_INLINE}, _FUSED_LOSS, "kobllla"),
 }
 SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention")
-PACKED_COLLATE = "kobllla.datasets.packed_collate"
+PACKED_COLLATE = "kobllla.datasets.packed_collate"  # kobllla.datasets._collate.COLLATE_PATH (that imports torch)
 
 
 def set_collate(cfg: dict, collate: str) -> None:

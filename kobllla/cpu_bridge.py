@@ -199,9 +199,6 @@ def check_datasets(cfg, *, config: Path) -> int:
     return len(parts)
 
 
-PACKED_COLLATE = "kobllla.datasets.packed_collate"
-
-
 def check_packed_collate(cfg, parts: list, *, config: Path) -> None:
     """``dataset.pack`` and ``collate_fn: kobllla.datasets.packed_collate`` go together.
 
@@ -211,6 +208,8 @@ def check_packed_collate(cfg, parts: list, *, config: Path) -> None:
     Raises:
         ValueError: one without the other, naming the config and the fix.
     """
+    from kobllla.datasets._collate import COLLATE_PATH as PACKED_COLLATE
+
     collate = cfg.get("collate_fn")
     packs = [bool(part.get("pack", False)) for part in parts]
     if any(packs) and collate != PACKED_COLLATE:

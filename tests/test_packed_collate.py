@@ -17,7 +17,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torchtune.data import padded_collate_packed
 from torchtune.modules.attention_utils import create_block_causal_mask
 
-from kobllla.datasets import _collate, kowikitext_dataset, packed_collate
+from kobllla.datasets import kowikitext_dataset, packed_collate
 from kobllla.datasets._collate import document_ids, packed_block_mask
 from tests.test_losses import _recipe_losses
 
@@ -96,21 +96,17 @@ def test_bad_packs_are_refused_with_the_fix():
         packed_collate([{"tokens": torch.zeros(4), "labels": torch.zeros(4)}])
 
 
-def test_pack_dataset_refuses_to_run_without_packed_collate(monkeypatch, llama3_tok, assets):
+def test_pack_dataset_is_torchtunes_packs_and_refuses_packed_too(llama3_tok, assets):
     kw = dict(source="csv", data_files=str(assets / "kowiki_tiny.csv"), max_seq_len=32)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match=r"kowikitext_dataset: set dataset.packed \(torchtune's collate\) or "
+                                         r"dataset.pack \(with collate_fn: kobllla.datasets.packed_collate\), "
+                                         r"not both"):
         kowikitext_dataset(llama3_tok, packed=True, pack=True, **kw)
     ds = kowikitext_dataset(llama3_tok, pack=True, **kw)
     ref = kowikitext_dataset(llama3_tok, packed=True, **kw)
-    assert len(ds) == len(ref) > 4 and all(torch.equal(ds[0][k], ref[0][k]) for k in ref[0])
-    monkeypatch.setattr(_collate, "GUARD_ITEMS", 3)
-    monkeypatch.setattr(_collate, "_seen_in_process", False)
-    for i in range(3):
-        ds[i]
-    with pytest.raises(RuntimeError, match="collate_fn: kobllla.datasets.packed_collate"):
-        ds[3]
-    packed_collate([ref[0]])
-    ds[4]  # once the collate has run in this process, no more checks
+    assert len(ds) == len(ref) > 4
+    # read directly (stats, tests): every item, no loader to check, nothing refused
+    assert all(torch.equal(ds[i][k], ref[i][k]) for i in range(len(ref)) for k in ref[i])
 
 
 def test_pack_dataset_refuses_a_data_loader_with_another_collate_at_its_first_batch(llama3_tok, assets):
@@ -127,6 +123,9 @@ def test_pack_dataset_refuses_a_data_loader_with_another_collate_at_its_first_ba
         next(iter(loader))
     right = partial(packed_collate, padding_idx=0, ignore_idx=-100)
     ds = kowikitext_dataset(llama3_tok, pack=True, **kw)
+    ds[0]  # a direct read first does not switch the check off
+    with pytest.raises(RuntimeError, match="collates with padded_collate_sft"):
+        next(iter(StatefulDataLoader(ds, batch_size=2, collate_fn=wrong)))
     batches = list(StatefulDataLoader(ds, batch_size=2, collate_fn=right))
     ref = list(StatefulDataLoader(kowikitext_dataset(llama3_tok, packed=True, **kw), batch_size=2,
                                   collate_fn=padded_collate_packed))
@@ -162,7 +161,7 @@ def test_config_check_pairs_pack_with_packed_collate():
 def test_the_flex_branch_gives_torchtunes_tensors_and_block_tables(monkeypatch):
     # the GPU branch, run on the CPU: the same tensors as padded_collate_packed and the BlockMask
     # torchtune would build (its own mask is dense on the CPU, so compare with create_block_mask)
-    monkeypatch.setattr(_collate, "_flex_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr("kobllla.datasets._collate._flex_device", lambda: torch.device("cpu"))
     lens = [[100, 28, 128], [256]]
     batch = _packs(lens, 256)
     ours, ref = packed_collate(batch, padding_idx=0, ignore_idx=-100), padded_collate_packed(batch)

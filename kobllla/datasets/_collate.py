@@ -31,10 +31,18 @@ import torch
 
 BLOCK_SIZE = 128  # flex attention's default sparse block, what create_block_mask uses
 
-_seen_in_process = False  # set by packed_collate; checked by datasets built with pack=True
-# Items a pack=True dataset hands out before it insists on packed_collate having run: far more
-# than one batch of packs, which the data loader collates as soon as it has fetched them.
-GUARD_ITEMS = 512
+COLLATE_PATH = "kobllla.datasets.packed_collate"  # what a config names as its collate_fn
+
+
+def check_pack_flags(builder: str, *, packed: bool, pack: bool) -> None:
+    """A builder takes ``packed`` (torchtune's collate) or ``pack`` (this module's), not both.
+
+    Raises:
+        ValueError: both are set, naming the two keys.
+    """
+    if packed and pack:
+        raise ValueError(f"{builder}: set dataset.packed (torchtune's collate) or dataset.pack "
+                         f"(with collate_fn: {COLLATE_PATH}), not both")
 
 
 class CollateGuard:
@@ -44,35 +52,28 @@ class CollateGuard:
     ``padded_collate_sft``), which would silently drop ``seq_lens`` and let every token attend
     across document boundaries. Call :meth:`check` from ``__getitem__``: at the first item it
     looks up the data loader fetching it (the caller frames' ``self`` with this ``dataset`` and a
-    ``collate_fn``) and refuses any other collate at once; read without a data loader (or one it
-    cannot find), it refuses only after :data:`GUARD_ITEMS` items without ``packed_collate``.
+    ``collate_fn``) and refuses any other collate at once; once a loader with ``packed_collate``
+    has been seen it stops looking. Items read without a data loader (stats, tests) are not
+    checked; ``tools.tune_cpu --check-only`` checks the config itself.
     """
 
     def __init__(self, builder: str) -> None:
         self.builder = builder
-        self.items = 0
-        self.confirmed = False
-
-    def _message(self, what: str) -> str:
-        return (f"{self.builder}(pack=True): {what}; add `collate_fn: kobllla.datasets.packed_collate` to the config "
-                "(or use `packed: True` for torchtune's own collate): without it the batches lose their document masks")
+        self.checked = False
 
     def check(self, dataset: object) -> None:
-        if self.confirmed:
+        if self.checked:
             return
-        if self.items == 0:
-            collate = _loader_collate(dataset)
-            if collate is not None:
-                if not _is_packed_collate(collate):
-                    name = getattr(_unwrap(collate), "__qualname__", repr(collate))
-                    raise RuntimeError(self._message(f"the data loader collates with {name}"))
-                self.confirmed = True
-                return
-        if _seen_in_process:
+        collate = _loader_collate(dataset)
+        if collate is None:  # read directly: nothing to check yet
             return
-        self.items += 1
-        if self.items > GUARD_ITEMS:
-            raise RuntimeError(self._message(f"{GUARD_ITEMS} packs read but kobllla.datasets.packed_collate never ran"))
+        if not _is_packed_collate(collate):
+            name = getattr(_unwrap(collate), "__qualname__", repr(collate))
+            raise RuntimeError(
+                f"{self.builder}(pack=True): the data loader collates with {name}; add `collate_fn: {COLLATE_PATH}` "
+                "to the config (or use `packed: True` for torchtune's own collate): without it the batches lose "
+                "their document masks")
+        self.checked = True
 
 
 def _unwrap(fn: object) -> object:
@@ -187,8 +188,6 @@ def packed_collate(batch: list[dict], padding_idx: int = 0, ignore_idx: int = -1
     has nothing to copy. Where torchtune uses no flex attention (CPU, GPUs before sm 7.5) this
     returns exactly what ``padded_collate_packed`` does (a dense mask on the CPU).
     """
-    global _seen_in_process
-    _seen_in_process = True
     if not batch or "seq_lens" not in batch[0]:
         raise ValueError("packed_collate needs packs (samples with seq_lens): build the dataset with pack=True")
     device = _flex_device()

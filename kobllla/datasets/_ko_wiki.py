@@ -22,7 +22,7 @@ from torchtune.datasets import PackedDataset
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 from tqdm import tqdm
 
-from kobllla.datasets._collate import CollateGuard
+from kobllla.datasets._collate import CollateGuard, check_pack_flags
 from kobllla.datasets._sources import Row, iter_rows, require_field
 from kobllla.datasets._windows import document_windows, pack_windows, packed_sample, segments_in
 from kobllla.token_file import document_tokens
@@ -209,9 +209,7 @@ def kowikitext_dataset(
     length = max_seq_len or getattr(tokenizer, "max_seq_len", None)
     if not length:
         raise ValueError("kowikitext_dataset needs a window length: set tokenizer.max_seq_len or dataset.max_seq_len")
-    if packed and pack:
-        raise ValueError("kowikitext_dataset: set dataset.packed (torchtune's collate) or dataset.pack "
-                         "(with collate_fn: kobllla.datasets.packed_collate), not both")
+    check_pack_flags("kowikitext_dataset", packed=packed, pack=pack)
     rows = lambda: iter_rows(source, data_files=data_files, name=name, split=split)  # noqa: E731
     tokens, ends, stats = tokenize_documents(rows, tokenizer, column=column, filter_fn=filter_fn)
     if packed or pack:

@@ -34,7 +34,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.datasets import PackedDataset
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
-from kobllla.datasets._collate import CollateGuard
+from kobllla.datasets._collate import CollateGuard, check_pack_flags
 from kobllla.datasets._ko_wiki import CorpusStats
 from kobllla.datasets._windows import packed_sample, segments_in
 from kobllla.token_file import PretokenizedCorpus, check_tokenizer, open_pretokenized
@@ -279,9 +279,7 @@ def pretokenized_dataset(
     if not length:
         raise ValueError("pretokenized_dataset needs a window length: set tokenizer.max_seq_len or dataset.max_seq_len")
     _check_len(length)
-    if packed and pack:
-        raise ValueError("pretokenized_dataset: set dataset.packed (torchtune's collate) or dataset.pack "
-                         "(with collate_fn: kobllla.datasets.packed_collate), not both")
+    check_pack_flags("pretokenized_dataset", packed=packed, pack=pack)
     corpus = open_pretokenized(path)
     check_tokenizer(corpus.manifest, tokenizer, where=corpus.path)
     counts = corpus.manifest["counts"]

@@ -310,11 +310,17 @@ WITH_TORCH = ("import sys, runpy, torch; sys.argv = ['tools.chat_vector', *sys.a
               "runpy.run_module('tools.chat_vector', run_name='__main__')")
 
 
-def cold(work: Path, out_dir: Path, preset: str, budget_s: float, drop: bool, ab_torch: bool = False) -> None:
+def cold(work: Path, out_dir: Path, preset: str, budget_s: float, drop: bool, ab_torch: bool = False,
+         ab_flags: str = "", reuse_inputs: bool = False) -> None:
     import time
 
     t0 = time.perf_counter()
-    inputs = write_fast_inputs(work, preset)
+    done = work / "inputs_done.json"
+    if reuse_inputs and done.is_file():
+        inputs = {role: work / role for role in ("base", "instruct", "target")}
+    else:
+        inputs = write_fast_inputs(work, preset)
+        done.write_text(json.dumps({"preset": preset}))
     print(json.dumps({"inputs_written_s": round(time.perf_counter() - t0, 1),
                       "input_gb": round(sum(f.stat().st_size for p in inputs.values()
                                                 for f in p.glob("*.safetensors")) / 1e9, 2)}), flush=True)
@@ -328,6 +334,10 @@ def cold(work: Path, out_dir: Path, preset: str, budget_s: float, drop: bool, ab
         runs = [("default, cold", [], True), ("default with torch imported first, cold", [], True),
                 ("default, cold, 2nd", [], True), ("default with torch imported first, cold, 2nd", [], True),
                 ("--no-hash --workers 8, cold", ["--no-hash", "--workers", "8"], True)]
+    if ab_flags:  # the default command alternated with the same command plus these flags
+        flags = ab_flags.split()
+        runs = [("default, cold", [], True), (f"default {ab_flags}, cold", flags, True),
+                ("default, cold, 2nd", [], True), (f"default {ab_flags}, cold, 2nd", flags, True)]
     for label, extra, want_cold in runs:
         base = torch_first if "torch imported" in label else plain
         if time.perf_counter() - t0 > budget_s:
@@ -355,8 +365,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--keep-caches", action="store_true", help="do not drop the page cache (a shared machine)")
         p.add_argument("--ab-torch", action="store_true",
                        help="alternate the default command with the same command after `import torch`")
+        p.add_argument("--ab-flags", default="", metavar="FLAGS",
+                       help="alternate the default command with the same command plus FLAGS (e.g. '--workers 16')")
+        p.add_argument("--reuse-inputs", action="store_true", help="keep inputs an earlier run wrote")
         a = p.parse_args(argv[1:])
-        cold(a.work, a.out_dir, a.preset, a.budget_s, not a.keep_caches, a.ab_torch)
+        cold(a.work, a.out_dir, a.preset, a.budget_s, not a.keep_caches, a.ab_torch, a.ab_flags, a.reuse_inputs)
         return 0
     if argv and argv[0] == "naive":
         naive(*(Path(a) for a in argv[1:5]))

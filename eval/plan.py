@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kobllla.cli import make_parser, run
+from kobllla.cli import exit_fast, make_parser, run
 from kobllla.evaluation import load_plan, run_plan
 
 
@@ -40,4 +40,4 @@ def _work(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
-from kobllla.cli import make_parser, run
+from kobllla.cli import exit_fast, make_parser, run
 from kobllla.evaluation import SUITES, evaluate_model
 
 
@@ -112,4 +111,4 @@ def _work(args) -> None:
                   f"n={entry['n_samples']['effective']}): {scores}")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())

@@ -16,8 +16,12 @@ never flood the terminal.
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
+import threading
 from collections.abc import Callable
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -69,6 +73,28 @@ def run(work: Callable[[], int | None], *, errors: tuple[type[BaseException], ..
         print("interrupted", file=sys.stderr)
         return 130
     return 0 if code is None else code
+
+
+def exit_fast(code: int) -> NoReturn:
+    """Ends a CLI process with ``code`` after its atexit handlers, without the interpreter's teardown.
+
+    For the ``__main__`` of commands that hold a model: freeing thousands of modules and tensors one by
+    one (and, on a GPU, the CUDA context) took 1.4 s after ``eval.run``'s work on a 2-core box with the
+    mini model; the OS frees the same memory at once (mypy ends its runs the same way). Everything is
+    still saved: every output file was closed and renamed by the work itself, atexit handlers (logging,
+    tqdm, multiprocessing) run, stdout and stderr are flushed. If a thread other than a daemon is still
+    running, or ``KOBLLLA_FAST_EXIT=0`` is set (to measure), the process exits the usual way instead.
+    """
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if others or os.environ.get("KOBLLLA_FAST_EXIT", "1") == "0":
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 def number_arg(kind: type, *, minimum: float, inclusive: bool = True, below: float | None = None):

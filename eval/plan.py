@@ -15,8 +15,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from kobllla import gcpause
 from kobllla.cli import exit_fast, make_parser, run
-from kobllla.evaluation import load_plan, run_plan
+
+# Run as a command the process is ours: what torch's import builds lives until exit (kobllla.gcpause).
+with gcpause.paused_gc(freeze=__name__ == "__main__"):
+    from kobllla.evaluation import load_plan, run_plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,4 +44,5 @@ def _work(args) -> int:
 
 
 if __name__ == "__main__":
+    gcpause.FREEZE_IMPORTS = True  # and lm_eval's and transformers' too, once, before the first model loads
     exit_fast(main())

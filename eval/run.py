@@ -25,8 +25,12 @@ import argparse
 import math
 from pathlib import Path
 
+from kobllla import gcpause
 from kobllla.cli import exit_fast, make_parser, run
-from kobllla.evaluation import SUITES, evaluate_model
+
+# Run as a command the process is ours: what torch's import builds lives until exit (kobllla.gcpause).
+with gcpause.paused_gc(freeze=__name__ == "__main__"):
+    from kobllla.evaluation import SUITES, evaluate_model
 
 
 def _model_arg(text: str) -> tuple[str, str]:
@@ -111,4 +115,5 @@ def _work(args) -> None:
                   f"n={entry['n_samples']['effective']}): {scores}")
 
 if __name__ == "__main__":
+    gcpause.FREEZE_IMPORTS = True  # and lm_eval's and transformers' too, once, before any model loads
     exit_fast(main())

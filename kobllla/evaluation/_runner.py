@@ -8,6 +8,7 @@ model is loaded once and also scores the held-out perplexity texts.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 import tempfile
@@ -38,6 +39,7 @@ from kobllla.evaluation._translation import (
     translation_source,
     write_translation_yamls,
 )
+from kobllla.gcpause import heavy_imports
 from kobllla.versions import package_versions
 
 Device = Literal["auto", "cuda", "cpu"]
@@ -342,14 +344,18 @@ def compiled_templates():
 
 def _run_lm_eval(spec: str, names: list[str], sources: dict[str, dict], *, device: str, dtype: str,
                  batch_size, limit, num_fewshot, max_length, bootstrap_iters: int, scorer: str, preload=None):
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    with heavy_imports():  # lm_eval and transformers: long-lived objects, no garbage
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+
+        from kobllla.evaluation._shared_prefix import SharedPrefixHFLM
+
+        _import_model_code(spec)
 
     extra = {}
     if scorer == "shared_prefix":
-        from kobllla.evaluation._shared_prefix import SharedPrefixHFLM as model_class
-
+        model_class = SharedPrefixHFLM
         extra["preloaded"] = preload
     else:
         model_class = HFLM
@@ -375,6 +381,23 @@ def _run_lm_eval(spec: str, names: list[str], sources: dict[str, dict], *, devic
     timing["lm_eval_s"] = time.perf_counter() - t0 - timing["load_s"]
     timing.update(getattr(lm, "timing", {}))  # the shared-prefix scorer's tokenize_s / score_s
     return lm, out, timing
+
+
+def _import_model_code(spec: str) -> None:
+    """Imports what transformers imports lazily on the first model built (``modeling_utils``, which
+    pulls in torch.distributed.tensor, scikit-learn and torch._dynamo, and the config's model class),
+    so that it happens inside :func:`heavy_imports` rather than while the model loads."""
+    import transformers
+    import transformers.modeling_utils  # noqa: F401
+
+    config = Path(spec) / "config.json"
+    try:
+        names = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):  # a hub id, or a config HF itself will refuse later
+        return
+    for name in names:
+        if isinstance(name, str):
+            getattr(transformers, name, None)
 
 
 def _task_of_error(names: list[str], exc: BaseException):

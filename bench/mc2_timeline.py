@@ -5,7 +5,8 @@
 
 Each run is ``python3 -m eval.run --model bench=M --task truthfulqa_mc2 --data-dir B/data --device cuda
 --scorer shared_prefix`` started through a small wrapper (``-c``) that stamps the wall clock when the
-interpreter reaches it and when the atexit handlers have run (main has returned); this process stamps the launch and the exit.
+interpreter reaches it and when the atexit handlers have run (main has returned); this process stamps the
+launch and the exit.
 So ``startup_s`` (launch -> wrapper: interpreter and site), ``main_s`` (wrapper -> main returned: imports,
 checks, evaluate_model), ``exit_s`` (main returned -> process gone: interpreter teardown, CUDA context) and
 the run record's own ``timing`` come from one run. Variants, alternated ``--repeat`` times:

@@ -215,6 +215,11 @@ class SharedPrefixHFLM(HFLM):
                                        use_cache=True)
         return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     @torch.no_grad()
     def _score_batch(self, batch: list, requests: list[Request], results: list) -> None:
         from transformers import DynamicCache
@@ -223,41 +228,47 @@ class SharedPrefixHFLM(HFLM):
         ids = torch.zeros(len(batch), length, dtype=torch.long)
         pos = torch.zeros(len(batch), length, dtype=torch.long)
         mask = torch.ones(len(batch), 1, length, p + length, dtype=torch.bool)  # every row sees the whole prefix
-        rows = []
+        where, targets, bounds, sizes = [], [], [], []  # per question: its answer tokens' rows in the batch
         for r, (ctx, idxs, n) in enumerate(batch):
             row_ids, row_pos, spans = pack_group(list(ctx), [requests[i][2] for i in idxs], prefix_len=p)
             ids[r, :n], pos[r, :n] = torch.tensor(row_ids), torch.tensor(row_pos)
             pos[r, n:] = torch.arange(p, p + length - n)
             mask[r, 0, :, p:] = packed_mask(len(ctx) - 1 - p, spans, length)
-            rows.append(spans)
+            first = len(where)
+            for start, size in spans:
+                where += range(r * length + start, r * length + start + size)
+            targets += [t for i in idxs for t in requests[i][2]]
+            bounds.append((first, len(where)))
+            sizes += [size for _, size in spans]
+        seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        # One host-to-device copy per tensor and batch, from pinned memory without waiting: the GPU is
+        # not drained before each question's head pass, as a copy from pageable memory would drain it.
+        ids, pos, mask, where, targets, seg = (self._to_device(t) for t in (
+            ids, pos, mask, torch.tensor(where), torch.tensor(targets), seg))
         cache = None
         if p:
             cache = DynamicCache()
             for layer, (k, v) in enumerate(self._prefix_kv):
                 cache.update(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1), layer)
         hidden = self.model.get_decoder()(
-            input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=mask.to(self.device),
-            past_key_values=cache, use_cache=cache is not None,
+            input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache, use_cache=cache is not None,
         ).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])
         head = self.model.get_output_embeddings()
-        token_lls, token_hits, sizes = [], [], []
-        for r, (_ctx, idxs, _) in enumerate(batch):  # one lm_head pass per question, answer tokens only
-            spans = rows[r]
-            where = torch.cat([torch.arange(start, start + size) for start, size in spans]).to(self.device)
-            targets = torch.tensor([t for i in idxs for t in requests[i][2]], device=self.device)
-            logprobs = F.log_softmax(head(hidden[r, where]), dim=-1, dtype=self.softmax_dtype)
-            token_lls.append(logprobs.gather(1, targets[:, None])[:, 0].float())
-            token_hits.append(logprobs.argmax(dim=-1) == targets)
+        token_lls, token_hits = [], []
+        for a, b in bounds:  # one lm_head pass per question, answer tokens only
+            logprobs = F.log_softmax(head(hidden[where[a:b]]), dim=-1, dtype=self.softmax_dtype)
+            want = targets[a:b]
+            token_lls.append(logprobs.gather(1, want[:, None])[:, 0].float())
+            token_hits.append(logprobs.argmax(dim=-1) == want)
             lp_dtype = logprobs.dtype
-            sizes += [size for _, size in spans]
         # Per answer: sum the token log-probs in fp32, then round to the log-softmax dtype, as
         # lm_eval's ``tensor.sum()`` does (with a bf16 model and no softmax_dtype that is bf16).
-        seg = torch.repeat_interleave(torch.arange(len(sizes), device=self.device),
-                                      torch.tensor(sizes, device=self.device))
         sums = torch.zeros(len(sizes), device=self.device).index_add_(0, seg, torch.cat(token_lls))
         misses = torch.zeros(len(sizes), dtype=torch.long, device=self.device).index_add_(
             0, seg, (~torch.cat(token_hits)).long())
+        lls, misses = torch.stack([sums.to(lp_dtype).float(), misses.float()]).tolist()  # one host sync
         flat = [i for _, idxs, _ in batch for i in idxs]
-        for i, ll, miss in zip(flat, sums.to(lp_dtype).float().tolist(), misses.tolist(), strict=True):
+        for i, ll, miss in zip(flat, lls, misses, strict=True):
             results[i] = (ll, miss == 0)
             self.cache_hook.add_partial("loglikelihood", requests[i][0], (ll, miss == 0))

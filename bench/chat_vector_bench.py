@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from disk_probe import drop_caches  # bench/ is sys.path[0] when this file runs as a script
 from safetensors import safe_open
 
 RATIO = 1.0
@@ -257,15 +258,6 @@ def write_fast_inputs(work: Path, preset: str) -> dict[str, Path]:
     with ThreadPoolExecutor(3) as pool:
         jobs = {role: pool.submit(one, role, seed) for seed, role in enumerate(("base", "instruct", "target"))}
         return {role: job.result() for role, job in jobs.items()}
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 # Runs argv[2:] and writes its wall time, CPU time and peak RSS to argv[1]. A separate small

@@ -62,16 +62,23 @@ def test_local_task_yaml_includes_upstream_by_absolute_path_and_overrides_only_t
         "validation_split: null",
         'test_split: "test"',
         "fewshot_split: null",
-        "dataset_kwargs:",
-        "  data_files:",
-        f'    test: "{test_file}"',
+        f'dataset_kwargs: {{"data_files": {{"test": "{test_file}"}}}}',
     ]
 
 
 def test_hub_task_yaml_is_upstream_unchanged():
-    spec = TASKS["truthfulqa_mc2"]
+    spec = TASKS["truthfulqa_mc1"]
     assert task_yaml(spec, data_source(spec, None, None)).splitlines() == [
-        f'include: "{upstream_tasks_dir() / "truthfulqa" / "truthfulqa_mc2.yaml"}"', "task: truthfulqa_mc2", "tag: []"]
+        f'include: "{upstream_tasks_dir() / "truthfulqa" / "truthfulqa_mc1.yaml"}"', "task: truthfulqa_mc1", "tag: []"]
+
+
+def test_hub_mc2_yaml_is_upstreams_keys_with_its_function_from_our_hooks_module():
+    spec = TASKS["truthfulqa_mc2"]
+    lines = task_yaml(spec, data_source(spec, None, None)).splitlines()
+    assert lines[0] == f'include: "{upstream_tasks_dir() / "truthfulqa" / "truthfulqa_mc1.yaml"}"'
+    assert "process_results: !function kobllla_lm_eval_hooks.process_results_mc2" in lines
+    assert 'metadata: {"version": 3.0}' in lines and lines[-1] == "tag: []"
+    assert not any(line.startswith("dataset") for line in lines)  # the hub: upstream's dataset keys stay
 
 
 def test_fixture_files_match_their_schemas():

@@ -37,6 +37,10 @@ class TaskSpec:
         eval_split: the split lm_eval scores.
         fewshot_split: the split few-shot examples come from (None: the task has none).
         schema: key of ``SCHEMAS`` that local rows must satisfy.
+        hooks: ``(yaml key, function)`` pairs whose upstream ``!function`` is replaced by the same
+            function of lm_eval compiled alone (``kobllla.evaluation._upstream_hooks``), so that its
+            module's other imports are not run; the upstream file is then copied key by key instead
+            of included (lm_eval resolves an included file's functions too).
     """
 
     name: str
@@ -46,6 +50,7 @@ class TaskSpec:
     eval_split: str
     fewshot_split: str | None
     schema: str
+    hooks: tuple[tuple[str, str], ...] = ()
 
     def local_file(self, data_dir: Path, split: str) -> Path:
         """Where the local copy of ``split`` lives under ``data_dir``."""
@@ -86,6 +91,8 @@ def _build_tasks() -> dict[str, TaskSpec]:
         f"truthfulqa_{mc}": TaskSpec(
             f"truthfulqa_{mc}", f"truthfulqa/truthfulqa_{mc}.yaml", "truthfulqa/truthful_qa",
             "multiple_choice", "validation", None, "truthfulqa_mc",
+            # utils.py also imports rouge_score + nltk and sacrebleu for the generation task: 0.7 s
+            hooks=(("process_results", "process_results_mc2"),) if mc == "mc2" else (),
         )
         for mc in ("mc1", "mc2")
     }
@@ -209,29 +216,69 @@ def data_source(spec: TaskSpec, data_dir: Path | None, num_fewshot: int | None) 
 
 
 def task_yaml(spec: TaskSpec, source: dict) -> str:
-    """The YAML text of ``spec``: upstream's file, plus local data overrides for a local source."""
+    """The YAML text of ``spec``: upstream's file (included, or copied with its hooks replaced),
+    plus local data overrides for a local source."""
     upstream = upstream_tasks_dir() / spec.upstream_yaml
     if not upstream.is_file():
         raise FileNotFoundError(f"lm_eval task file {upstream} is missing; reinstall lm_eval==0.4.13")
-    lines = [f"include: {json.dumps(str(upstream))}", f"task: {spec.name}", "tag: []"]
+    keys = _upstream_keys(upstream, dict(spec.hooks)) if spec.hooks else {"include": json.dumps(str(upstream))}
+    keys.update(task=spec.name, tag="[]")
     if source["source"] == "local":
         files = {split: f["path"] for split, f in source["files"].items()}
         # Splits with no local file are switched off so lm_eval does not look for them.
         split_keys = {"training_split": "train", "validation_split": "validation", "test_split": "test"}
-        lines += ["dataset_path: json", "dataset_name: null"]
+        keys.update(dataset_path="json", dataset_name="null")
         for key, split in split_keys.items():
-            lines.append(f"{key}: {json.dumps(split if split in files else None)}")
+            keys[key] = json.dumps(split if split in files else None)
         if spec.fewshot_split is not None:
-            lines.append(f"fewshot_split: {json.dumps(spec.fewshot_split if spec.fewshot_split in files else None)}")
-        lines.append("dataset_kwargs:")
-        lines.append("  data_files:")
-        lines += [f"    {split}: {json.dumps(path)}" for split, path in files.items()]
-    return "\n".join(lines) + "\n"
+            keys["fewshot_split"] = json.dumps(spec.fewshot_split if spec.fewshot_split in files else None)
+        keys["dataset_kwargs"] = json.dumps({"data_files": files})
+    return "".join(f"{key}: {value}\n" for key, value in keys.items())
+
+
+class _Function(str):
+    """A ``!function`` value of an upstream YAML, kept as its text."""
+
+
+def _upstream_keys(upstream: Path, hooks: dict[str, str]) -> dict[str, str]:
+    """Upstream's top-level keys as YAML text, in order: includes made absolute, each hooked key
+    pointing at our hooks module; any other ``!function`` is refused (it would need its module)."""
+    import yaml
+
+    from kobllla.evaluation._upstream_hooks import HOOKS_MODULE
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: _Function(loader.construct_scalar(node)))
+    raw = yaml.load(upstream.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 - SafeLoader + one tag
+    out = {}
+    for key, value in raw.items():
+        if key in hooks:
+            out[key] = f"!function {HOOKS_MODULE}.{hooks[key]}"
+        elif isinstance(value, _Function):
+            raise ValueError(f"{upstream}: {key} is !function {value}, which kobllla has no copy of; "
+                             "lm_eval==0.4.13 is supported")
+        elif key == "include":
+            incs = [str(upstream.parent / i) for i in (value if isinstance(value, list) else [value])]
+            out[key] = json.dumps(incs if isinstance(value, list) else incs[0])
+        else:
+            out[key] = json.dumps(value)
+    missing = sorted(set(hooks) - set(raw))
+    if missing:
+        raise ValueError(f"{upstream} has no {', '.join(missing)} to replace; lm_eval==0.4.13 is supported")
+    return out
 
 
 def write_task_yamls(specs: list[TaskSpec], sources: dict[str, dict], include_dir: Path) -> None:
     """Writes one ``<task>.yaml`` per spec into ``include_dir`` (an lm_eval include path)."""
+    from kobllla.evaluation._upstream_hooks import HOOKS_MODULE
+
     include_dir = Path(include_dir)
     include_dir.mkdir(parents=True, exist_ok=True)
+    hooks = sorted({fn for spec in specs for _, fn in spec.hooks})
+    if hooks:  # lm_eval's !function loads this file from beside the YAMLs
+        (include_dir / f"{HOOKS_MODULE}.py").write_text(
+            f"from kobllla.evaluation._upstream_hooks import {', '.join(hooks)}  # noqa: F401\n", encoding="utf-8")
     for spec in specs:
         (include_dir / f"{spec.name}.yaml").write_text(task_yaml(spec, sources[spec.name]), encoding="utf-8")

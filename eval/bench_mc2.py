@@ -12,6 +12,7 @@ real validation split: 817 questions, 2-13 answers (mean ~7.6), ~9-word question
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
@@ -60,7 +61,9 @@ def write_bench(out: Path, *, n_questions: int = 817, seed: int = 0) -> dict:
     path = spec.local_file(out / "data", "validation")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    write_task_yamls([spec], {spec.name: data_source(spec, out / "data", None)}, out / "tasks")
+    # plain lm_eval's task (the peer): upstream's file included as is, only the data pointed here
+    plain = dataclasses.replace(spec, hooks=())
+    write_task_yamls([plain], {spec.name: data_source(spec, out / "data", None)}, out / "tasks")
     answers = sum(len(r["mc2_targets"]["choices"]) for r in rows)
     return {"questions": len(rows), "answers": answers, "answers_per_question": answers / len(rows)}
 

@@ -113,3 +113,16 @@ print(sorted(m for m in ("rouge_score", "nltk") if m in sys.modules))
                               "HF_DATASETS_OFFLINE": "1", "HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "[]"]
+
+
+def test_an_upstream_file_with_another_function_or_without_the_hooked_key_is_refused(tmp_path):
+    from kobllla.evaluation._tasks import _upstream_keys
+
+    other = tmp_path / "other.yaml"
+    other.write_text("task: t\nprocess_docs: !function utils.process_docs\nprocess_results: !function utils.f\n")
+    with pytest.raises(ValueError, match=r"other.yaml: process_docs is !function utils.process_docs"):
+        _upstream_keys(other, {"process_results": "process_results_mc2"})
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("task: t\ninclude: base.yaml\n")
+    with pytest.raises(ValueError, match=r"bare.yaml has no process_results to replace"):
+        _upstream_keys(bare, {"process_results": "process_results_mc2"})

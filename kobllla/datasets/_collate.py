@@ -29,6 +29,8 @@ import sys
 import numpy as np
 import torch
 
+from kobllla.host_copy import to_device
+
 BLOCK_SIZE = 128  # flex attention's default sparse block, what create_block_mask uses
 
 COLLATE_PATH = "kobllla.datasets.packed_collate"  # what a config names as its collate_fn
@@ -144,12 +146,6 @@ def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num.contiguous(), idx.contiguous()
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def packed_block_mask(seq_lens: list, seq_len: int, device: torch.device | str = "cpu"):
     """The ``BlockMask`` of torchtune's ``packed_block_causal_mask`` for these packs, on ``device``,
     built without a blocking copy or a dense mask."""
@@ -160,8 +156,8 @@ def packed_block_mask(seq_lens: list, seq_len: int, device: torch.device | str =
     partial, full = block_tables(doc_np)
     kv_num, kv_idx = _ordered(torch.from_numpy(partial))
     full_num, full_idx = _ordered(torch.from_numpy(full))
-    doc = _to_device(torch.from_numpy(doc_np), device)
-    tables = [_to_device(t, device) for t in (kv_num, kv_idx, full_num, full_idx)]
+    doc = to_device(torch.from_numpy(doc_np), device)
+    tables = [to_device(t, device) for t in (kv_num, kv_idx, full_num, full_idx)]
 
     def mask_mod(b, h, q_idx, kv_idx):  # torchtune's packed mask_mod, on the same ids
         return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
@@ -195,7 +191,7 @@ def packed_collate(batch: list[dict], padding_idx: int = 0, ignore_idx: int = -1
         from torchtune.data import padded_collate_packed
 
         return padded_collate_packed(batch)
-    out = {key: _to_device(torch.stack([torch.as_tensor(x[key]) for x in batch]), device)
+    out = {key: to_device(torch.stack([torch.as_tensor(x[key]) for x in batch]), device)
            for key in ("tokens", "labels", "input_pos")}
     out["mask"] = packed_block_mask([x["seq_lens"] for x in batch], out["tokens"].shape[-1], device)
     return out

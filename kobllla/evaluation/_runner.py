@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
+from unittest import mock
 
 import torch
 
@@ -313,12 +314,8 @@ def _no_env_report():
     ``simple_evaluate``: the run record keeps its own versions and never reads that report."""
     import lm_eval.evaluator
 
-    real = lm_eval.evaluator.add_env_info
-    lm_eval.evaluator.add_env_info = lambda storage: None
-    try:
+    with mock.patch.object(lm_eval.evaluator, "add_env_info", lambda storage: None):
         yield
-    finally:
-        lm_eval.evaluator.add_env_info = real
 
 
 @contextmanager
@@ -329,17 +326,13 @@ def compiled_templates():
     per document, so every rendered string is the one lm_eval renders (``tests/test_eval_templates.py``)."""
     import lm_eval.utils
 
-    real = lm_eval.utils.apply_template
     compile_once = functools.lru_cache(maxsize=1024)(lm_eval.utils.env.from_string)
 
     def apply_template(template: str, doc: dict) -> str:
         return compile_once(template).render(**doc)
 
-    lm_eval.utils.apply_template = apply_template
-    try:
+    with mock.patch.object(lm_eval.utils, "apply_template", apply_template):
         yield
-    finally:
-        lm_eval.utils.apply_template = real
 
 
 def _run_lm_eval(spec: str, names: list[str], sources: dict[str, dict], *, device: str, dtype: str,

@@ -32,6 +32,7 @@ from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
 from lm_eval.models.utils_hf import get_dtype
 
 from kobllla.evaluation._preload import preloaded_state
+from kobllla.host_copy import to_device
 
 Request = tuple[tuple[str, str], list[int], list[int]]
 
@@ -215,11 +216,6 @@ class SharedPrefixHFLM(HFLM):
                                        use_cache=True)
         return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
-
     @torch.no_grad()
     def _score_batch(self, batch: list, requests: list[Request], results: list) -> None:
         from transformers import DynamicCache
@@ -243,7 +239,7 @@ class SharedPrefixHFLM(HFLM):
         seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
         # One host-to-device copy per tensor and batch, from pinned memory without waiting: the GPU is
         # not drained before each question's head pass, as a copy from pageable memory would drain it.
-        ids, pos, mask, where, targets, seg = (self._to_device(t) for t in (
+        ids, pos, mask, where, targets, seg = (to_device(t, self.device) for t in (
             ids, pos, mask, torch.tensor(where), torch.tensor(targets), seg))
         cache = None
         if p:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import symtable
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
@@ -26,9 +26,9 @@ HOOKS_MODULE = "kobllla_lm_eval_hooks"  # the module written beside the task YAM
 def upstream_function(relpath: str, name: str, namespace: dict) -> Callable:
     """Function ``name`` of lm_eval's ``lm_eval/tasks/<relpath>``, compiled from its source alone,
     with ``namespace`` as its globals (every global name it uses must be there or a builtin)."""
-    import lm_eval.tasks
+    from kobllla.evaluation._tasks import upstream_tasks_dir
 
-    path = Path(lm_eval.tasks.__file__).parent / relpath
+    path = upstream_tasks_dir() / relpath
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
     if len(defs) != 1:
@@ -62,10 +62,6 @@ def process_results_mc2(doc, results):
     return _mc2()(doc, results)
 
 
-_MC2: list[Callable] = []
-
-
+@functools.cache
 def _mc2() -> Callable:
-    if not _MC2:
-        _MC2.append(upstream_function("truthfulqa/utils.py", "process_results_mc2", {"np": np}))
-    return _MC2[0]
+    return upstream_function("truthfulqa/utils.py", "process_results_mc2", {"np": np})

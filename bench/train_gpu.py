@@ -374,6 +374,14 @@ VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
     "fp8allpc": (_KB_MODEL, _FP8ALL, _TT_LOSS, "kobllla"),
     "fastpc": (_KB_MODEL, {"fuse_projections": True, **_INLINE}, _TT_LOSS, "kobllla"),
     "fastfusedpc": (_KB_MODEL, {"fuse_projections": True, "output": "hidden", **_INLINE}, _FUSED_LOSS, "kobllla"),
+    # the shipped config under a process setting (VARIANT_ENV): inductor's coordinate-descent tuning of
+    # its Triton kernels' launch configs; cuBLASLt instead of cuBLAS for every matmul
+    "shippedcd": None,
+    "shippedlt": None,
+}
+VARIANT_ENV: dict[str, dict[str, str]] = {
+    "shippedcd": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"},
+    "shippedlt": {"TORCH_BLAS_PREFER_CUBLASLT": "1"},
 }
 SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention")
 PACKED_COLLATE = "kobllla.datasets.packed_collate"  # kobllla.datasets._collate.COLLATE_PATH (that imports torch)
@@ -467,13 +475,14 @@ def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_pa
 
 
 def run_ours(*, cfg_path: Path, run_dir: Path, log_path: Path, warmup: int, positions_per_step: int,
-             timeout_s: float) -> dict:
-    """``tune run lora_finetune_single_device --config cfg_path``; figures from its metric log."""
+             timeout_s: float, env: dict[str, str] | None = None) -> dict:
+    """``tune run lora_finetune_single_device --config cfg_path`` (with ``env`` added to the process's
+    environment); figures from its metric log."""
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "lora_finetune_single_device", "--config", str(cfg_path)]
     launched = time.time()
-    rc = _run_logged(cmd, log_path, env=os.environ.copy(), timeout_s=timeout_s)
+    rc = _run_logged(cmd, log_path, env={**os.environ, **(env or {})}, timeout_s=timeout_s)
     ended = time.time()
-    result: dict = {"command": " ".join(cmd[1:]), "rc": rc, "wall_s": ended - launched}
+    result: dict = {"command": " ".join(cmd[1:]), "rc": rc, "wall_s": ended - launched, "env": env or {}}
     logs = sorted((run_dir / "logs").glob("log_*.txt"))
     if rc != 0 or not logs:
         result["error"] = f"recipe exited {rc}; see {log_path.name}"
@@ -742,7 +751,8 @@ def _ours_run(name: str, *, args: argparse.Namespace, ctx: dict, batch_size: int
                         grad_accum=accum, profile=PROFILE_SCHEDULE if profile else None)
     result = run_ours(cfg_path=cfg_path, run_dir=run_dir, log_path=Path(args.out) / f"{name}.log",
                       warmup=min(args.warmup, steps - 1),
-                      positions_per_step=batch_size * args.seq_len * accum, timeout_s=timeout_s)
+                      positions_per_step=batch_size * args.seq_len * accum, timeout_s=timeout_s,
+                      env=VARIANT_ENV.get(variant))
     result = {"batch_size": batch_size, "grad_accum": accum, "compile": compile_model, "variant": variant, **result}
     if profile:
         result["gaps"] = _profile_gaps(run_dir / "profile", Path(args.out), name)

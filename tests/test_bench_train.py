@@ -9,6 +9,7 @@ to ``tune run``.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -176,7 +177,7 @@ def test_variants_swap_only_the_model_loss_and_collate_components(tmp_path):
     assert "packed" not in pc["dataset"] and "collate_fn" not in stock
     with pytest.raises(ValueError, match=r"unknown variant 'bf16'; choose from \['fast', 'fastfusedpc', 'fastpc', "
                                          r"'fp8', 'fp8all', 'fp8allpc', 'fp8fast', 'fused', 'inline', 'inlinepc', "
-                                         r"'shipped', 'stock', 'stockpc'\]"):
+                                         r"'shipped', 'shippedcd', 'shippedlt', 'stock', 'stockpc'\]"):
         bench.write_recipe_config(tmp_path / "x.yaml", preset="tiny", variant="bf16", **common)
 
 
@@ -228,3 +229,20 @@ def test_trace_gaps_charges_each_idle_gap_to_the_code_that_launched_the_next_ker
     assert "idle 0.5 ms (50.0 %)" in markdown(rep)
     with pytest.raises(ValueError, match="ProfilerStep"):
         gap_report({"traceEvents": events[1:]})
+
+
+def test_a_variant_s_process_settings_reach_the_recipe_process_only(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, log_path, *, env, timeout_s):
+        seen["env"] = env
+        return 3
+
+    monkeypatch.setattr(bench, "_run_logged", fake_run)
+    monkeypatch.delenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", raising=False)
+    res = bench.run_ours(cfg_path=tmp_path / "c.yaml", run_dir=tmp_path, log_path=tmp_path / "l.log", warmup=1,
+                         positions_per_step=8, timeout_s=1, env=bench.VARIANT_ENV["shippedcd"])
+    assert seen["env"]["TORCHINDUCTOR_COORDINATE_DESCENT_TUNING"] == "1" and seen["env"]["PATH"] == os.environ["PATH"]
+    assert "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING" not in os.environ
+    assert res["env"] == {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"} and res["rc"] == 3 and "error" in res
+    assert set(bench.VARIANT_ENV) <= set(bench.VARIANTS)

@@ -378,7 +378,12 @@ VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
     # its Triton kernels' launch configs; cuBLASLt instead of cuBLAS for every matmul
     "shippedcd": None,
     "shippedlt": None,
+    # the shipped config at 2 (4) packs per micro-batch, with 1/2 (1/4) the accumulation: the same packs per
+    # optimizer step in the same order, so the same losses (VARIANT_BATCH)
+    "shippedbs2": None,
+    "shippedbs4": None,
 }
+VARIANT_BATCH: dict[str, int] = {"shippedbs2": 2, "shippedbs4": 4}
 VARIANT_ENV: dict[str, dict[str, str]] = {
     "shippedcd": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"},
     "shippedlt": {"TORCH_BLAS_PREFER_CUBLASLT": "1"},
@@ -738,19 +743,37 @@ class Clock:
 PROFILE_SCHEDULE = {"wait_steps": 6, "warmup_steps": 2, "active_steps": 3}
 
 
+def variant_batch(variant: str, *, batch_size: int, grad_accum: int) -> tuple[int, int]:
+    """``(batch_size, grad_accum)`` of a run of ``variant``: ``VARIANT_BATCH`` packs per micro-batch and
+    the accumulation divided by as much (the same packs per optimizer step), else the arguments."""
+    per = VARIANT_BATCH.get(variant)
+    if per is None:
+        return batch_size, grad_accum
+    if batch_size != 1 or grad_accum % per:
+        raise ValueError(f"variant {variant} runs {per} packs per micro-batch: it needs --batch-size 1 and a "
+                         f"--grad-accum divisible by {per} (got {batch_size} and {grad_accum})")
+    return per, grad_accum // per
+
+
+def profile_steps(accum: int) -> int:
+    """Optimizer steps that cover torchtune's profiler schedule (stepped per micro-batch), plus one."""
+    return -(-(sum(PROFILE_SCHEDULE.values()) + 1) // accum) + 1
+
+
 def _ours_run(name: str, *, args: argparse.Namespace, ctx: dict, batch_size: int, compile_model: bool,
               timeout_s: float, variant: str = "shipped", profile: bool = False) -> dict:
     run_dir = Path(args.work) / name
     cfg_path = run_dir / "config.yaml"
-    accum = 1 if profile else args.grad_accum
-    steps = sum(PROFILE_SCHEDULE.values()) + 1 if profile else args.steps
+    batch_size, accum = variant_batch(variant, batch_size=batch_size,
+                                      grad_accum=args.profile_accum if profile else args.grad_accum)
+    steps = profile_steps(accum) if profile else args.steps
     write_recipe_config(cfg_path, model_dir=ctx["model_dir"], files=ctx["files"], csv_path=ctx["csv"], run_dir=run_dir,
                         preset=args.preset, seq_len=args.seq_len, batch_size=batch_size, steps=steps,
                         compile_model=compile_model, device=ctx["device"],
                         dtype="bf16" if ctx["device"] == "cuda" else "fp32", variant=variant,
                         grad_accum=accum, profile=PROFILE_SCHEDULE if profile else None)
     result = run_ours(cfg_path=cfg_path, run_dir=run_dir, log_path=Path(args.out) / f"{name}.log",
-                      warmup=min(args.warmup, steps - 1),
+                      warmup=min(args.warmup, steps - 2),
                       positions_per_step=batch_size * args.seq_len * accum, timeout_s=timeout_s,
                       env=VARIANT_ENV.get(variant))
     result = {"batch_size": batch_size, "grad_accum": accum, "compile": compile_model, "variant": variant, **result}
@@ -852,8 +875,9 @@ def run_all(args: argparse.Namespace) -> dict:
     finally:
         runs = [k for k in res if k.startswith(("ours-", "profile-")) or k == "peer"]
         res["figures"] = {k: figures(res[k], flops_per_position=fpp, peak=peak) for k in runs}
+        packs_per_step = args.batch_size * args.grad_accum  # the same data per optimizer step: comparable losses
         curves = {k: [r["loss"] for r in res[k]["steps"]] for k in runs if k.startswith("ours-") and "steps" in res[k]
-                  and res[k].get("batch_size") == args.batch_size}
+                  and res[k].get("batch_size", 0) * res[k].get("grad_accum", 0) == packs_per_step}
         if f"ours-{args.variants[0]}" in curves and len(curves) > 1:
             res["loss_agreement"] = loss_agreement(curves, reference=f"ours-{args.variants[0]}", first=30)
         best = max((f["useful_tok_s_gpu"] for k, f in res["figures"].items() if k != "peer" and f), default=None)
@@ -908,9 +932,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated component sets to run, the first is the loss reference: "
                         f"{', '.join(VARIANTS)}")
     p.add_argument("--profile", type=_variant_list, default=[],
-                   help="after the variants, run these once more under torchtune's profiler (accumulation 1, "
-                        f"{sum(PROFILE_SCHEDULE.values()) + 1} steps) and report where the GPU idles "
+                   help="after the variants, run these once more under torchtune's profiler (micro-batches "
+                        f"{PROFILE_SCHEDULE['wait_steps'] + PROFILE_SCHEDULE['warmup_steps'] + 1}-"
+                        f"{sum(PROFILE_SCHEDULE.values())} traced) and report where the GPU idles "
                         "(bench/trace_gaps.py)")
+    p.add_argument("--profile-accum", type=int, default=1,
+                   help="the profiled runs' accumulation: 1 traces optimizer steps (a host sync each), 8 "
+                        "micro-batches in the middle of one")
     p.add_argument("--loss-micro", action="store_true", help="also time the output projection + loss alone (GPU)")
     p.add_argument("--peer-pythonpath", default="", help="PYTHONPATH of the peer process (where peft is)")
     p.add_argument("--extra-batch-size", type=int, default=0,
@@ -934,6 +962,14 @@ def main(argv: list[str] | None = None) -> int:
         return loss_micro_main(args)
     if args.steps < args.warmup + 2:
         print(f"error: --steps {args.steps} leaves nothing to measure after --warmup {args.warmup}; use >= warmup + 2")
+        return 2
+    try:
+        for variant in args.variants:
+            variant_batch(variant, batch_size=args.batch_size, grad_accum=args.grad_accum)
+        for variant in args.profile:
+            variant_batch(variant, batch_size=args.batch_size, grad_accum=args.profile_accum)
+    except ValueError as e:
+        print(f"error: {e}")
         return 2
     res = run_all(args)
     print(json.dumps({"machine": res["machine"], "packs": res["packs"], "figures": res["figures"]}, indent=1))

@@ -25,7 +25,8 @@ PY
 for cmd in "import torch; torch.zeros(1, device='cuda')" "import transformers.modeling_utils"; do
   for k in 1; do
     s=$(date +%s.%N); python3 -c "$cmd"; e=$(date +%s.%N)
-    python3 -c "print(f'import probe {$k}: {$e - $s:6.2f} s  $cmd')"
+    python3 -c 'import sys; print(f"import probe {sys.argv[1]}: {float(sys.argv[3]) - float(sys.argv[2]):6.2f} s  {sys.argv[4]}")' \
+      "$k" "$s" "$e" "$cmd"
   done
 done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

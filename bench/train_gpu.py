@@ -23,7 +23,9 @@ with the host once per optimizer step; the shipped config accumulates 128).
 
 It prints, and writes to ``OUT/results.json`` and ``OUT/summary.md``: useful (trained, non-padding)
 tokens/s/GPU in steady state, MFU, peak GiB, start-up time to the first step, padding share and
-the no-token-dropped check of the packed data.
+the no-token-dropped check of the packed data; on a GPU also each run's SM clock, power and
+power-capped share over its busy seconds (``bench/gpu_clocks.py``: two runs compare only at
+comparable clocks).
 
 GPU (one command, wheels carried in .whl/, see bench/train_gpu.sh)::
 
@@ -724,6 +726,9 @@ def figures(result: dict, *, flops_per_position: int, peak: float | None) -> dic
     for key in ("peak_alloc_gib", "peak_reserved_gib", "startup_to_first_step_s"):
         if key in result:
             out[key] = round(result[key], 2)
+    for key in ("sm_mhz_mean", "power_w_mean", "power_capped_share"):  # the busy seconds of the whole run
+        if key in result.get("gpu_clocks", {}):
+            out[key] = result["gpu_clocks"][key]
     return out
 
 
@@ -772,14 +777,25 @@ def _ours_run(name: str, *, args: argparse.Namespace, ctx: dict, batch_size: int
                         compile_model=compile_model, device=ctx["device"],
                         dtype="bf16" if ctx["device"] == "cuda" else "fp32", variant=variant,
                         grad_accum=accum, profile=PROFILE_SCHEDULE if profile else None)
-    result = run_ours(cfg_path=cfg_path, run_dir=run_dir, log_path=Path(args.out) / f"{name}.log",
-                      warmup=min(args.warmup, steps - 2),
-                      positions_per_step=batch_size * args.seq_len * accum, timeout_s=timeout_s,
-                      env=VARIANT_ENV.get(variant))
+    with _clock_sampler() as clocks:  # the GPU's clock decides what a figure means: record it with the run
+        result = run_ours(cfg_path=cfg_path, run_dir=run_dir, log_path=Path(args.out) / f"{name}.log",
+                          warmup=min(args.warmup, steps - 2),
+                          positions_per_step=batch_size * args.seq_len * accum, timeout_s=timeout_s,
+                          env=VARIANT_ENV.get(variant))
+    if clocks.summary() is not None:
+        result["gpu_clocks"] = clocks.summary()
     result = {"batch_size": batch_size, "grad_accum": accum, "compile": compile_model, "variant": variant, **result}
     if profile:
         result["gaps"] = _profile_gaps(run_dir / "profile", Path(args.out), name)
     return result
+
+
+def _clock_sampler():
+    try:
+        from bench.gpu_clocks import ClockSampler
+    except ImportError:  # run as a script: bench/ itself is on the path
+        from gpu_clocks import ClockSampler
+    return ClockSampler()
 
 
 def _profile_gaps(profile_dir: Path, out: Path, name: str) -> dict:
@@ -861,8 +877,11 @@ def run_all(args: argparse.Namespace) -> dict:
         if args.peer_steps <= 0:
             res["peer"] = {"error": "skipped: --peer-steps 0"}
         elif clock.left() > args.peer_needs_s:
-            res["peer"] = run_peer(args=args, model_dir=ctx["model_dir"], packs=ctx["packs"], out=out, device=device,
-                                   timeout_s=clock.left())
+            with _clock_sampler() as clocks:
+                res["peer"] = run_peer(args=args, model_dir=ctx["model_dir"], packs=ctx["packs"], out=out,
+                                       device=device, timeout_s=clock.left())
+            if clocks.summary() is not None:
+                res["peer"]["gpu_clocks"] = clocks.summary()
         else:
             res["peer"] = {"error": f"skipped: {clock.left():.0f} s left < --peer-needs-s {args.peer_needs_s}"}
         _write_json(out / "results.json", res)

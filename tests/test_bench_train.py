@@ -256,3 +256,12 @@ def test_batch_variants_keep_the_packs_per_optimizer_step():
     assert bench.main(["--variants", "shipped,shippedbs4", "--grad-accum", "6", "--steps", "5", "--warmup", "1"]) == 2
     # the profiler traces micro-batches 9-11 of 12: whole optimizer steps at accumulation 1, the middle of one at 4
     assert bench.profile_steps(1) == 13 and bench.profile_steps(4) == 4 and bench.profile_steps(8) == 3
+
+
+def test_a_run_s_figures_carry_its_gpu_clock_when_it_was_sampled():
+    run = {"useful_tokens_per_s": 17000.0, "useful_tokens_per_s_median_step": 17100.0, "positions_per_s": 17050.0,
+           "gpu_clocks": {"busy_samples": 9, "sm_mhz_mean": 1553.0, "power_w_mean": 685.0, "power_capped_share": 1.0}}
+    got = bench.figures(run, flops_per_position=10, peak=None)
+    assert got["sm_mhz_mean"] == 1553.0 and got["power_w_mean"] == 685.0 and got["power_capped_share"] == 1.0
+    assert "sm_mhz_mean" not in bench.figures({**run, "gpu_clocks": {"busy_samples": 0}}, flops_per_position=10,
+                                               peak=None)

@@ -78,8 +78,11 @@ class ClockSampler:
             return
         for reasons in _REASON_NAMES:  # the first field name this driver knows
             query = _FIELDS.format(reasons=reasons)
-            probe = subprocess.run([path, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
-                                   capture_output=True, text=True, timeout=30, check=False)
+            try:
+                probe = subprocess.run([path, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                                       capture_output=True, text=True, timeout=30, check=False)
+            except (OSError, subprocess.TimeoutExpired):  # not runnable or hung: no clocks, the run goes on
+                return
             if probe.returncode == 0:
                 break
         else:

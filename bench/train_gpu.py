@@ -56,6 +56,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -777,25 +778,29 @@ def _ours_run(name: str, *, args: argparse.Namespace, ctx: dict, batch_size: int
                         compile_model=compile_model, device=ctx["device"],
                         dtype="bf16" if ctx["device"] == "cuda" else "fp32", variant=variant,
                         grad_accum=accum, profile=PROFILE_SCHEDULE if profile else None)
-    with _clock_sampler() as clocks:  # the GPU's clock decides what a figure means: record it with the run
-        result = run_ours(cfg_path=cfg_path, run_dir=run_dir, log_path=Path(args.out) / f"{name}.log",
-                          warmup=min(args.warmup, steps - 2),
-                          positions_per_step=batch_size * args.seq_len * accum, timeout_s=timeout_s,
-                          env=VARIANT_ENV.get(variant))
-    if clocks.summary() is not None:
-        result["gpu_clocks"] = clocks.summary()
+    result = _with_clocks(lambda: run_ours(cfg_path=cfg_path, run_dir=run_dir, log_path=Path(args.out) / f"{name}.log",
+                                           warmup=min(args.warmup, steps - 2),
+                                           positions_per_step=batch_size * args.seq_len * accum,
+                                           timeout_s=timeout_s, env=VARIANT_ENV.get(variant)))
     result = {"batch_size": batch_size, "grad_accum": accum, "compile": compile_model, "variant": variant, **result}
     if profile:
         result["gaps"] = _profile_gaps(run_dir / "profile", Path(args.out), name)
     return result
 
 
-def _clock_sampler():
+def _with_clocks(run: Callable[[], dict]) -> dict:
+    """``run()``'s result, with the GPU's clock, power and power cap over it as ``gpu_clocks`` where
+    nvidia-smi is there to sample them (the clock decides what a figure means)."""
     try:
         from bench.gpu_clocks import ClockSampler
     except ImportError:  # run as a script: bench/ itself is on the path
         from gpu_clocks import ClockSampler
-    return ClockSampler()
+    with ClockSampler() as clocks:
+        result = run()
+    summary = clocks.summary()
+    if summary is not None:
+        result["gpu_clocks"] = summary
+    return result
 
 
 def _profile_gaps(profile_dir: Path, out: Path, name: str) -> dict:
@@ -877,11 +882,8 @@ def run_all(args: argparse.Namespace) -> dict:
         if args.peer_steps <= 0:
             res["peer"] = {"error": "skipped: --peer-steps 0"}
         elif clock.left() > args.peer_needs_s:
-            with _clock_sampler() as clocks:
-                res["peer"] = run_peer(args=args, model_dir=ctx["model_dir"], packs=ctx["packs"], out=out,
-                                       device=device, timeout_s=clock.left())
-            if clocks.summary() is not None:
-                res["peer"]["gpu_clocks"] = clocks.summary()
+            res["peer"] = _with_clocks(lambda: run_peer(args=args, model_dir=ctx["model_dir"], packs=ctx["packs"],
+                                                        out=out, device=device, timeout_s=clock.left()))
         else:
             res["peer"] = {"error": f"skipped: {clock.left():.0f} s left < --peer-needs-s {args.peer_needs_s}"}
         _write_json(out / "results.json", res)
@@ -911,6 +913,16 @@ def _write_json(path: Path, obj: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
     tmp.replace(path)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
 
 
 def _variant_list(text: str) -> list[str]:
@@ -955,7 +967,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"{PROFILE_SCHEDULE['wait_steps'] + PROFILE_SCHEDULE['warmup_steps'] + 1}-"
                         f"{sum(PROFILE_SCHEDULE.values())} traced) and report where the GPU idles "
                         "(bench/trace_gaps.py)")
-    p.add_argument("--profile-accum", type=int, default=1,
+    p.add_argument("--profile-accum", type=_positive_int, default=1,
                    help="the profiled runs' accumulation: 1 traces optimizer steps (a host sync each), 8 "
                         "micro-batches in the middle of one")
     p.add_argument("--loss-micro", action="store_true", help="also time the output projection + loss alone (GPU)")

@@ -265,3 +265,9 @@ def test_a_run_s_figures_carry_its_gpu_clock_when_it_was_sampled():
     assert got["sm_mhz_mean"] == 1553.0 and got["power_w_mean"] == 685.0 and got["power_capped_share"] == 1.0
     assert "sm_mhz_mean" not in bench.figures({**run, "gpu_clocks": {"busy_samples": 0}}, flops_per_position=10,
                                                peak=None)
+
+
+def test_a_profile_accumulation_below_one_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--profile", "shipped", "--profile-accum", "0"])
+    assert "'0' is not a whole number >= 1" in capsys.readouterr().err

@@ -76,3 +76,12 @@ def test_the_sampler_falls_back_to_the_older_field_name_and_stops_with_the_run(t
     calls = (tmp_path / "calls").read_text(encoding="utf-8").splitlines()
     assert all("clocks_throttle_reasons.active" in c for c in calls) and calls[-1].endswith("-lms 50")
     assert sampler._proc.poll() is not None  # the sampling process ended with the block
+
+
+def test_an_nvidia_smi_that_cannot_run_records_nothing_and_does_not_stop_the_run(tmp_path):
+    broken = tmp_path / "nvidia-smi"
+    broken.write_text("not a program\n", encoding="utf-8")
+    broken.chmod(broken.stat().st_mode | stat.S_IXUSR)  # executable but no interpreter line: exec fails
+    with clocks.ClockSampler(exe=str(broken)) as sampler:
+        pass
+    assert sampler.summary() is None

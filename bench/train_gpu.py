@@ -385,23 +385,34 @@ VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
     # optimizer step in the same order, so the same losses (VARIANT_BATCH)
     "shippedbs2": None,
     "shippedbs4": None,
+    # cuDNN's fused attention on ragged documents (kobllla.models._cudnn_attention), packs collated as offsets
+    # by kobllla.datasets.packed_varlen_collate; at 1 and at 2 packs per micro-batch
+    "cudnn": (_KB_MODEL, {"attention": "cudnn"}, _TT_LOSS, "varlen"),
+    "cudnnbs2": (_KB_MODEL, {"attention": "cudnn"}, _TT_LOSS, "varlen"),
+    # + the output projection fused with the loss (kobllla.losses.FusedLinearCrossEntropyLoss), 2 packs per micro-batch
+    "cudnnfusedbs2": (_KB_MODEL, {"attention": "cudnn", "output": "hidden"}, _FUSED_LOSS, "varlen"),
+    # the pre-cudnn shipped config (flex attention in the layer's graph, packed_collate) at 2 packs per micro-batch
+    "inlinepcbs2": (_KB_MODEL, _INLINE, _TT_LOSS, "kobllla"),
 }
-VARIANT_BATCH: dict[str, int] = {"shippedbs2": 2, "shippedbs4": 4}
+VARIANT_BATCH: dict[str, int] = {"shippedbs2": 2, "shippedbs4": 4, "cudnnbs2": 2, "inlinepcbs2": 2,
+                                 "cudnnfusedbs2": 2}
 VARIANT_ENV: dict[str, dict[str, str]] = {
     "shippedcd": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"},
     "shippedlt": {"TORCH_BLAS_PREFER_CUBLASLT": "1"},
 }
 SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention")
 PACKED_COLLATE = "kobllla.datasets.packed_collate"  # kobllla.datasets._collate.COLLATE_PATH (that imports torch)
+VARLEN_COLLATE = "kobllla.datasets.packed_varlen_collate"  # ... .VARLEN_COLLATE_PATH
 
 
 def set_collate(cfg: dict, collate: str) -> None:
-    """``cfg``'s dataset packs, collated by torchtune's ``padded_collate_packed`` or kobllla's."""
+    """``cfg``'s dataset packs, collated by torchtune's ``padded_collate_packed`` or kobllla's (``kobllla``:
+    ``packed_collate``, a ``BlockMask``; ``varlen``: ``packed_varlen_collate``, document offsets)."""
     ds = {k: v for k, v in cfg["dataset"].items() if k not in ("packed", "pack")}
     cfg.pop("collate_fn", None)
-    if collate == "kobllla":
+    if collate in ("kobllla", "varlen"):
         cfg["dataset"] = {**ds, "pack": True}
-        cfg["collate_fn"] = PACKED_COLLATE
+        cfg["collate_fn"] = PACKED_COLLATE if collate == "kobllla" else VARLEN_COLLATE
     else:
         cfg["dataset"] = {**ds, "packed": True}
 
@@ -460,7 +471,7 @@ def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_pa
     cfg["output_dir"] = str(run_dir / "out")
     cfg["tokenizer"].update(path=str(model_dir / "original" / "tokenizer.model"), max_seq_len=seq_len)
     cfg["checkpointer"].update(checkpoint_dir=str(model_dir), checkpoint_files=files)
-    shipped_collate = "kobllla" if cfg.get("collate_fn") == PACKED_COLLATE else "torchtune"
+    shipped_collate = {PACKED_COLLATE: "kobllla", VARLEN_COLLATE: "varlen"}.get(cfg.get("collate_fn"), "torchtune")
     cfg["dataset"] = {"_component_": "kobllla.datasets.kowikitext_dataset", "source": "csv",
                       "data_files": str(csv_path), "column": "text"}
     set_collate(cfg, shipped_collate)

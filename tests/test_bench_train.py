@@ -175,7 +175,10 @@ def test_variants_swap_only_the_model_loss_and_collate_components(tmp_path):
     pc = bench.write_recipe_config(tmp_path / "p.yaml", preset="llama3-8b", variant="inlinepc", **common)
     assert pc["collate_fn"] == "kobllla.datasets.packed_collate" and pc["dataset"]["pack"] is True
     assert "packed" not in pc["dataset"] and "collate_fn" not in stock
-    with pytest.raises(ValueError, match=r"unknown variant 'bf16'; choose from \['fast', 'fastfusedpc', .*'shipped', "
+    cu = bench.write_recipe_config(tmp_path / "c.yaml", preset="llama3-8b", variant="cudnn", **common)
+    assert cu["collate_fn"] == "kobllla.datasets.packed_varlen_collate" and cu["dataset"]["pack"] is True
+    assert cu["model"] == {"_component_": "kobllla.models.lora_llama3_8b", **lora, "attention": "cudnn"}
+    with pytest.raises(ValueError, match=r"unknown variant 'bf16'; choose from \['cudnn', 'cudnnbs2', .*'shipped', "
                                          r".*'stock', 'stockpc'\]"):
         bench.write_recipe_config(tmp_path / "x.yaml", preset="tiny", variant="bf16", **common)
 

@@ -136,7 +136,7 @@ def test_fp8_fused_groups_quantize_once_and_track_bf16():
 
 
 def test_bad_fast_options_are_refused_with_the_fix():
-    with pytest.raises(ValueError, match=r"model.attention must be 'flex' or 'flex_inline', got 'sdpa'"):
+    with pytest.raises(ValueError, match=r"model.attention must be one of flex, flex_inline, cudnn, got 'sdpa'"):
         models.lora_llama3(["q_proj"], **SHAPE, attention="sdpa")
     with pytest.raises(ValueError, match=r"model.fp8_output needs model.fp8: True"):
         models.lora_llama3(["q_proj"], **SHAPE, fp8_output=True)

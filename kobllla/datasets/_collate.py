@@ -19,6 +19,14 @@ GPU. Use it with a dataset built with ``pack=True`` (torchtune's recipes only ho
       _component_: kobllla.datasets.kowikitext_dataset
       pack: True
     collate_fn: kobllla.datasets.packed_collate
+
+:func:`packed_varlen_collate` gives the same tokens, labels and positions with the documents as
+token offsets (:class:`PackedDocuments`) instead of a ``BlockMask``: what a model built with
+``attention: cudnn`` (cuDNN's fused attention over ragged documents) takes::
+
+    model:
+      attention: cudnn
+    collate_fn: kobllla.datasets.packed_varlen_collate
 """
 
 from __future__ import annotations
@@ -30,10 +38,13 @@ import numpy as np
 import torch
 
 from kobllla.host_copy import to_device
+from kobllla.packed_documents import packed_documents
 
 BLOCK_SIZE = 128  # flex attention's default sparse block, what create_block_mask uses
 
 COLLATE_PATH = "kobllla.datasets.packed_collate"  # what a config names as its collate_fn
+VARLEN_COLLATE_PATH = "kobllla.datasets.packed_varlen_collate"  # the same for model.attention: cudnn
+COLLATE_PATHS = (COLLATE_PATH, VARLEN_COLLATE_PATH)
 
 
 def check_pack_flags(builder: str, *, packed: bool, pack: bool) -> None:
@@ -85,7 +96,7 @@ def _unwrap(fn: object) -> object:
 
 
 def _is_packed_collate(fn: object) -> bool:
-    return _unwrap(fn) is packed_collate
+    return _unwrap(fn) in (packed_collate, packed_varlen_collate)
 
 
 def _loader_collate(dataset: object, depth: int = 8) -> object | None:
@@ -194,4 +205,20 @@ def packed_collate(batch: list[dict], padding_idx: int = 0, ignore_idx: int = -1
     out = {key: to_device(torch.stack([torch.as_tensor(x[key]) for x in batch]), device)
            for key in ("tokens", "labels", "input_pos")}
     out["mask"] = packed_block_mask([x["seq_lens"] for x in batch], out["tokens"].shape[-1], device)
+    return out
+
+
+def packed_varlen_collate(batch: list[dict], padding_idx: int = 0, ignore_idx: int = -100) -> dict:
+    """Packs -> ``{"tokens", "labels", "input_pos", "mask"}``, ``mask`` a :class:`PackedDocuments`.
+
+    For models built with ``attention: cudnn``: the same tokens, labels and positions as
+    :func:`packed_collate`, on the current CUDA device (the CPU where there is none) with
+    non-blocking copies; the documents as offsets instead of a ``BlockMask``.
+    """
+    if not batch or "seq_lens" not in batch[0]:
+        raise ValueError("packed_varlen_collate needs packs (samples with seq_lens): build the dataset with pack=True")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    out = {key: to_device(torch.stack([torch.as_tensor(x[key]) for x in batch]), device)
+           for key in ("tokens", "labels", "input_pos")}
+    out["mask"] = packed_documents([x["seq_lens"] for x in batch], out["tokens"].shape[-1], device)
     return out

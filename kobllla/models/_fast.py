@@ -11,6 +11,9 @@ weights, state-dict keys and checkpoints exactly torchtune's:
   copy); the LoRA adapters stay separate modules and add their deltas after the split. With
   ``fp8=True`` the fused weight is the one quantized, and the shared input is quantized once per
   group instead of once per projection.
+- ``attention="cudnn"``: cuDNN's fused attention on packs as they lie in memory (``[tokens, heads,
+  dim]``), the documents as ragged offsets and the 8 k/v heads without copies
+  (``kobllla.models._cudnn_attention``); batches come from ``kobllla.datasets.packed_varlen_collate``.
 - ``attention="flex_inline"``: torchtune calls flex attention through a separately compiled
   function behind ``torch.compiler.disable``, so a compiled layer is three graphs forward and three
   backward, each with its own guards and launch overhead on the CPU. Here, inside a compiled layer,
@@ -36,7 +39,11 @@ from torch import nn
 from torchtune.modules import FeedForward, MultiHeadAttention
 from torchtune.modules.peft import LoRALinear
 
-Attention = Literal["flex", "flex_inline"]
+from kobllla.models._cudnn_attention import VarlenMask, varlen_mask
+from kobllla.packed_documents import PackedDocuments
+
+Attention = Literal["flex", "flex_inline", "cudnn"]
+ATTENTIONS = ("flex", "flex_inline", "cudnn")
 
 
 def _is_block_mask(mask: object) -> bool:
@@ -134,6 +141,13 @@ class FastAttention(_FusedGroup, MultiHeadAttention):
         if self.pos_embeddings is not None:
             q = self.pos_embeddings(q, input_pos=input_pos)
             k = self.pos_embeddings(k, input_pos=input_pos)
+        if isinstance(mask, VarlenMask):  # attention: cudnn, packs as [tokens, heads, dim], GQA as it is
+            from kobllla.models._cudnn_attention import attention
+
+            if self.training and self.attn_dropout > 0.0:
+                raise ValueError("attention: cudnn does not support dropout; set attn_dropout to 0.0")
+            out = attention(q.reshape(b * s, nh, hd), k.reshape(b * s, nkv, hd), v.reshape(b * s, nkv, hd), mask)
+            return self.output_proj(out.view(b, s, nh * hd))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if nh != nkv:  # torchtune's layout: every query head gets its own copy of k and v
             shape = (b, nkv, nh // nkv, -1, hd)
@@ -176,8 +190,11 @@ def apply_fast_layers(model: nn.Module, *, fuse_projections: bool, attention: At
         ValueError: an unknown ``attention``; ``fuse_projections`` on an MLP without an up projection
             or with biases or NF4 bases.
     """
-    if attention not in ("flex", "flex_inline"):
-        raise ValueError(f"model.attention must be 'flex' or 'flex_inline', got {attention!r}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"model.attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    if attention == "cudnn":
+        _check_cudnn()
+        model.register_forward_pre_hook(_documents_to_mask, with_kwargs=True)
     for name, module in model.named_modules():
         if isinstance(module, MultiHeadAttention) and (fuse_projections or attention != "flex"):
             module.__class__ = FastAttention
@@ -192,6 +209,49 @@ def apply_fast_layers(model: nn.Module, *, fuse_projections: bool, attention: At
             _check_fusable(name, [module.w1, module.w3])
             module.__class__ = FusedFeedForward
             module._init_fused(fp8=fp8)
+
+
+COLLATE_HINT = ("model.attention: cudnn takes packs collated by `collate_fn: kobllla.datasets.packed_varlen_collate` "
+                "(with dataset.pack: True)")
+
+
+def _check_cudnn() -> None:
+    """On a GPU machine, ``attention: cudnn`` needs the cudnn-frontend package and an sm80+ GPU."""
+    if not torch.cuda.is_available():
+        return  # the CPU runs the same masks through torchtune's attention (_documents_to_mask)
+    if torch.cuda.get_device_capability() < (8, 0):
+        raise ValueError(f"model.attention: cudnn needs an Ampere or newer GPU (compute capability >= 8.0), got "
+                         f"{torch.cuda.get_device_name()}; use attention: flex_inline")
+    try:
+        import cudnn  # noqa: F401
+    except ImportError:
+        raise ValueError("model.attention: cudnn needs the cudnn-frontend package: pip install "
+                         "'nvidia-cudnn-frontend==1.16.0' (or pip install -e '.[cudnn]'), or use attention: "
+                         "flex_inline") from None
+
+
+def _documents_to_mask(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Decoder pre-hook of ``attention: cudnn``: a batch's :class:`PackedDocuments` -> the layers' mask.
+
+    On a GPU, a :class:`VarlenMask` (the cuDNN graphs' offsets, built once per batch for every layer);
+    on the CPU, torchtune's dense block-causal mask, so the same config runs there through torchtune's
+    attention with the same numbers.
+    """
+    mask = kwargs.get("mask")
+    if isinstance(mask, PackedDocuments):
+        tokens = args[0] if args else kwargs.get("tokens")
+        if tokens is None:
+            tokens = kwargs["input_embeds"]
+        if tokens.is_cuda:
+            attn = next(m for m in model.modules() if isinstance(m, MultiHeadAttention))
+            kwargs["mask"] = varlen_mask(mask.cu_seqlens, mask.max_seqlen, num_heads=attn.num_heads,
+                                         num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim)
+        else:
+            kwargs["mask"] = mask.block_causal_mask(tokens.shape[0]).to(tokens.device)
+    elif _is_block_mask(mask):
+        raise ValueError(f"{COLLATE_HINT}, got a flex BlockMask (from kobllla.datasets.packed_collate or "
+                         "dataset.packed)")
+    return args, kwargs
 
 
 def _check_fusable(name: str, members: list[nn.Module]) -> None:

@@ -1,0 +1,69 @@
+"""A batch of packs' documents as token offsets: the ``mask`` that ``attention: cudnn`` models take.
+
+:func:`kobllla.datasets.packed_varlen_collate` builds it; the models in :mod:`kobllla.models` read it
+(``kobllla.models._cudnn_attention``), or turn it into torchtune's dense block-causal mask where
+there is no GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kobllla.host_copy import to_device
+
+
+class PackedDocuments(dict):
+    """A batch's documents as token offsets, the ``mask`` of ``kobllla.datasets.packed_varlen_collate``.
+
+    A ``dict`` (torchtune's ``batch_to_device`` moves dicts of tensors and refuses other types)
+    holding ``cu_seqlens``: ``[n + 1]`` int32 start offsets of every document over the batch's
+    packs laid end to end (a pack's padding is one more document, as in torchtune's packs), with
+    ``n`` rounded up to a power of two by empty documents at the end, so a run sees few shapes.
+    Attributes: ``max_seqlen`` (the longest document, rounded up to a multiple of
+    :data:`MAX_SEQLEN_STEP`), ``seq_len`` (tokens per pack) and ``num_docs`` (before rounding).
+    """
+
+    def __init__(self, cu_seqlens: torch.Tensor, *, max_seqlen: int, seq_len: int, num_docs: int) -> None:
+        super().__init__(cu_seqlens=cu_seqlens)
+        self.max_seqlen, self.seq_len, self.num_docs = max_seqlen, seq_len, num_docs
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return self["cu_seqlens"]
+
+    def block_causal_mask(self, batch_size: int) -> torch.Tensor:
+        """``[batch, seq, seq]`` bool: True where a token may attend (its own document, not ahead), the
+        dense mask torchtune builds for packs where it has no flex attention."""
+        cu = self.cu_seqlens.to("cpu", torch.int64)
+        lengths = (cu[1:] - cu[:-1])
+        doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths).view(batch_size, self.seq_len)
+        causal = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).tril()
+        return (doc[:, :, None] == doc[:, None, :]) & causal
+
+
+MAX_SEQLEN_STEP = 128  # the cuDNN graphs' sequence dimension: the longest document rounded up to this
+
+
+def packed_documents(seq_lens: list, seq_len: int, device: torch.device | str = "cpu") -> PackedDocuments:
+    """:class:`PackedDocuments` of packs with these ``seq_lens`` (each summing to ``seq_len``).
+
+    Raises:
+        ValueError: a pack whose lengths are not positive or do not sum to ``seq_len``.
+    """
+    lengths = []
+    for row, lens in enumerate(seq_lens):
+        lens = [int(n) for n in torch.as_tensor(lens).reshape(-1).tolist()]
+        if sum(lens) != seq_len or not lens or min(lens) <= 0:
+            raise ValueError(f"pack {row}: seq_lens {lens} must be positive and sum to its {seq_len} tokens "
+                             "(padding counted as its own sequence, as PackedDataset does)")
+        lengths += lens
+    n = 1 << (len(lengths) - 1).bit_length()
+    cu = np.zeros(n + 1, dtype=np.int32)
+    cu[1:len(lengths) + 1] = np.cumsum(lengths)
+    cu[len(lengths) + 1:] = cu[len(lengths)]
+    step = MAX_SEQLEN_STEP
+    max_seqlen = min(-(-max(lengths) // step) * step, max(seq_len, max(lengths)))
+    return PackedDocuments(to_device(torch.from_numpy(cu), torch.device(device)), max_seqlen=max_seqlen,
+                           seq_len=seq_len, num_docs=len(lengths))
+

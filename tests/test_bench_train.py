@@ -143,7 +143,8 @@ def test_recipe_config_is_the_shipped_one_with_the_benchmark_overrides(tmp_path)
     assert cfg["compile"] is True and cfg["enable_activation_checkpointing"] is False
     assert cfg["dataset"]["data_files"] == "/d.csv" and cfg["dataset"]["pack"] is True
     assert "packed" not in cfg["dataset"]
-    assert cfg["collate_fn"] == shipped["collate_fn"] == "kobllla.datasets.packed_collate"
+    assert cfg["collate_fn"] == shipped["collate_fn"] == "kobllla.datasets.packed_varlen_collate"
+    assert cfg["model"]["attention"] == "cudnn"
     assert cfg["metric_logger"]["_component_"] == "bench.train_gpu.WallClockDiskLogger"
 
 

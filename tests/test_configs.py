@@ -11,6 +11,7 @@ from torchtune import config as tt_config
 from torchtune.config._utils import _get_component_from_path
 from torchtune.datasets import ConcatDataset, PackedDataset
 
+from kobllla.datasets._collate import COLLATE_PATHS, VARLEN_COLLATE_PATH
 from tests.conftest import ASSETS, REPO, make_llama3_tokenizer
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -93,7 +94,9 @@ def test_every_dataset_in_the_config_builds_on_the_fixtures(path: Path, tmp_path
         if node.get("packed") or node.get("pack"):
             assert isinstance(ds, PackedDataset)
         if node.get("pack"):  # torchtune's recipes honour collate_fn only when `packed` is unset
-            assert cfg.get("collate_fn") == "kobllla.datasets.packed_collate", f"{path}: pack: True without collate_fn"
+            assert cfg.get("collate_fn") in COLLATE_PATHS, f"{path}: pack: True without collate_fn"
+            # a BlockMask for flex attention, document offsets for attention: cudnn
+            assert (cfg.get("collate_fn") == VARLEN_COLLATE_PATH) == (cfg.model.get("attention") == "cudnn"), path
             assert not node.get("packed")
         built.append(ds)
     if len(built) > 1:

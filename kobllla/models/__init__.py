@@ -10,6 +10,10 @@
   (slowly) through the same ``torch._scaled_mm``. ``fp8_output=True`` (with ``output="logits"``)
   also runs the 128,256-way output projection in float8.
 - ``fuse_projections=True``: q/k/v as one frozen matmul, gate/up as one (``kobllla.models._fast``).
+- ``attention="cudnn"``: cuDNN's fused attention over the packs' documents as ragged offsets, the k/v
+  heads without copies (``kobllla.models._cudnn_attention``); batches from
+  ``collate_fn: kobllla.datasets.packed_varlen_collate``. On the CPU, torchtune's attention on the same
+  (dense) mask.
 - ``attention="flex_inline"``: flex attention traced into each compiled layer's graph instead of
   torchtune's separately compiled call (one graph per layer, not three; ``kobllla.models._fast``).
 

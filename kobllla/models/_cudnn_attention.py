@@ -140,6 +140,20 @@ def _build(key: tuple, handle):
     return g, tensors, g.get_workspace_size()
 
 
+def _build_or_explain(key: tuple, handle):
+    try:
+        return _build(key, handle)
+    except TypeError:
+        raise
+    except Exception as e:  # cuDNN's own errors: name the shape, the cuDNN and the way out
+        kind, _, b, hq, hkv, s, d = key[:7]
+        raise RuntimeError(
+            f"model.attention: cudnn: cuDNN {_cudnn().backend_version()} cannot build the {kind} graph for "
+            f"{b} documents x {hq} query / {hkv} kv heads x head dim {d}, longest document {s} "
+            f"({type(e).__name__}: {e}); use model.attention=flex_inline "
+            "collate_fn=kobllla.datasets.packed_collate") from e
+
+
 def _graph(kind: str, q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, max_seqlen: int, scale: float):
     t, hq, d = q.shape
     key = (kind, q.dtype, seq_lens.shape[0], hq, k.shape[1], max_seqlen, d, scale, -(-t // 64) * 64, q.device)
@@ -149,7 +163,7 @@ def _graph(kind: str, q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, 
         with _lock:
             hit = _GRAPHS.get(key)
             if hit is None:
-                hit = _GRAPHS[key] = _build(key, handle)
+                hit = _GRAPHS[key] = _build_or_explain(key, handle)
     return hit, handle
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -30,22 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.layer_probe_gpu import lognormal_seq_lens as lognormal_packs  # noqa: E402
+
 H, HKV, D, SEQ = 32, 8, 128, 4096
-
-
-def lognormal_packs(n: int, seq: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    packs, cur = [], []
-    while len(packs) < n:
-        length = int(torch.exp(torch.randn(1, generator=g) * 0.9 + 6.5).clamp(16, 3 * seq))
-        while length > 0:
-            take = min(length, seq - sum(cur))
-            cur.append(take)
-            length -= take
-            if sum(cur) == seq:
-                packs.append(cur)
-                cur = []
-    return packs
 
 
 def cu_of(lens: list[int], device="cuda") -> torch.Tensor:

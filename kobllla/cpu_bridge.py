@@ -219,7 +219,13 @@ def check_packed_collate(cfg, parts: list, *, config: Path) -> None:
     if collate in COLLATE_PATHS and not all(packs):
         raise ValueError(f"{config}: collate_fn: {collate} needs every dataset built with pack: True "
                          "(set dataset.pack=True and drop dataset.packed)")
-    cudnn = cfg.get("model", {}).get("attention") == "cudnn"
+    attention = cfg.get("model", {}).get("attention")
+    if attention is not None:
+        from kobllla.models._fast import ATTENTIONS
+
+        if attention not in ATTENTIONS:
+            raise ValueError(f"{config}: model.attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    cudnn = attention == "cudnn"
     if cudnn and collate != VARLEN_COLLATE_PATH:
         raise ValueError(f"{config}: model.attention: cudnn needs packs collated by `collate_fn: "
                          f"{VARLEN_COLLATE_PATH}` with dataset.pack: True (got {collate or 'none'})")

@@ -150,6 +150,9 @@ def test_config_check_pairs_cudnn_attention_with_the_varlen_collate():
     with pytest.raises(ValueError, match=r"needs every dataset built with pack: True"):
         check("model: {attention: cudnn}\ndataset: {packed: True}\n"
               "collate_fn: kobllla.datasets.packed_varlen_collate")
+    bad = r"^c.yaml: model.attention must be one of flex, flex_inline, cudnn, got 'sdpa'$"
+    with pytest.raises(ValueError, match=bad):
+        check("model: {attention: sdpa}\ndataset: {pack: True}\ncollate_fn: kobllla.datasets.packed_collate")
 
 
 @pytest.mark.integration  # two real `tune run`s (~25 CPU-s)

@@ -21,6 +21,7 @@ from kobllla.datasets import packed_collate, packed_varlen_collate
 from kobllla.datasets._collate import packed_block_mask
 from kobllla.models._cudnn_attention import varlen_mask
 from kobllla.packed_documents import MAX_SEQLEN_STEP, PackedDocuments, packed_documents
+from tests.conftest import REPO
 from tests.test_losses import _recipe_losses
 from tests.test_packed_collate import _packs, _random_seq_lens
 
@@ -206,3 +207,34 @@ def test_the_kernel_matches_an_fp32_reference_eager_and_compiled():
             for got, want in zip((out, q.grad, k.grad, v.grad), ref, strict=True):
                 err = (got.float() - want).norm() / want.norm()
                 assert err < 1e-2, (lens, float(err))
+
+
+def _distributed_losses(tmp_path, tiny_base, attention: str, collate: str) -> list[float]:
+    """The tiny stage-1 config through lora_finetune_distributed on 2 CPU ranks (FSDP2 over gloo)."""
+    from omegaconf import OmegaConf
+
+    from kobllla.corpora import constitution_articles, write_text_csv
+    from tests.test_recipes_integration import logged_losses, tune_cpu, wait_ok
+
+    cfg = OmegaConf.load(REPO / "configs/tiny/stage1_kowiki_lora.yaml")
+    cfg.model._component_ = "kobllla.models.lora_llama3"
+    cfg.model.attention = attention
+    cfg.dataset.pop("packed")
+    cfg.dataset.pack = True
+    cfg.collate_fn = collate
+    corpus = write_text_csv(tmp_path / f"ko-{attention}.csv", constitution_articles()[:12], repeat=6)
+    path = tmp_path / f"{attention}.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+    out, log = tmp_path / f"out-{attention}", tmp_path / f"{attention}.log"
+    args = ["lora_finetune_distributed", "--config", str(path), f"output_dir={out}",
+            f"checkpointer.checkpoint_dir={tiny_base}", f"tokenizer.path={tiny_base}/original/tokenizer.model",
+            f"dataset.data_files={corpus}", "max_steps_per_epoch=3"]
+    wait_ok(tune_cpu(args, log), log)
+    return [loss for _, loss in sorted(logged_losses(out).items())]
+
+
+@pytest.mark.integration  # two 2-rank `tune run`s (~40 CPU-s)
+def test_the_distributed_recipe_trains_the_same_with_cudnn_attention(tmp_path, tiny_base):
+    flex = _distributed_losses(tmp_path, tiny_base, "flex_inline", "kobllla.datasets.packed_collate")
+    ours = _distributed_losses(tmp_path, tiny_base, "cudnn", "kobllla.datasets.packed_varlen_collate")
+    assert len(flex) == 3 and ours == flex and flex[0] != flex[-1]

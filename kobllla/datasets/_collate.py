@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from kobllla.host_copy import to_device
-from kobllla.packed_documents import packed_documents
+from kobllla.packed_documents import pack_lengths, packed_documents
 
 BLOCK_SIZE = 128  # flex attention's default sparse block, what create_block_mask uses
 
@@ -116,11 +116,7 @@ def _loader_collate(dataset: object, depth: int = 8) -> object | None:
 def document_ids(seq_lens: list[list[int]] | list[torch.Tensor], seq_len: int) -> np.ndarray:
     """``[batch, seq_len]`` int32 document index of every position (torchtune's rule)."""
     out = np.empty((len(seq_lens), seq_len), dtype=np.int32)
-    for row, lens in enumerate(seq_lens):
-        lens = np.asarray(lens, dtype=np.int64).reshape(-1)
-        if lens.sum() != seq_len or (lens <= 0).any():
-            raise ValueError(f"pack {row}: seq_lens {lens.tolist()} must be positive and sum to its "
-                             f"{seq_len} tokens (padding counted as its own sequence, as PackedDataset does)")
+    for row, lens in enumerate(pack_lengths(seq_lens, seq_len)):
         out[row] = np.repeat(np.arange(len(lens), dtype=np.int32), lens)
     return out
 
@@ -186,6 +182,17 @@ def _flex_device() -> torch.device | None:
     return None
 
 
+def _check_packs(batch: list[dict], collate: str) -> None:
+    if not batch or "seq_lens" not in batch[0]:
+        raise ValueError(f"{collate} needs packs (samples with seq_lens): build the dataset with pack=True")
+
+
+def _stacked(batch: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
+    """The packs' tokens, labels and positions as ``[batch, seq]`` tensors on ``device``, without a host sync."""
+    return {key: to_device(torch.stack([torch.as_tensor(x[key]) for x in batch]), device)
+            for key in ("tokens", "labels", "input_pos")}
+
+
 def packed_collate(batch: list[dict], padding_idx: int = 0, ignore_idx: int = -100) -> dict:
     """Packs -> ``{"tokens", "labels", "input_pos", "mask"}`` on the recipe's device, no host sync.
 
@@ -195,15 +202,13 @@ def packed_collate(batch: list[dict], padding_idx: int = 0, ignore_idx: int = -1
     has nothing to copy. Where torchtune uses no flex attention (CPU, GPUs before sm 7.5) this
     returns exactly what ``padded_collate_packed`` does (a dense mask on the CPU).
     """
-    if not batch or "seq_lens" not in batch[0]:
-        raise ValueError("packed_collate needs packs (samples with seq_lens): build the dataset with pack=True")
+    _check_packs(batch, "packed_collate")
     device = _flex_device()
     if device is None:
         from torchtune.data import padded_collate_packed
 
         return padded_collate_packed(batch)
-    out = {key: to_device(torch.stack([torch.as_tensor(x[key]) for x in batch]), device)
-           for key in ("tokens", "labels", "input_pos")}
+    out = _stacked(batch, device)
     out["mask"] = packed_block_mask([x["seq_lens"] for x in batch], out["tokens"].shape[-1], device)
     return out
 
@@ -215,10 +220,8 @@ def packed_varlen_collate(batch: list[dict], padding_idx: int = 0, ignore_idx: i
     :func:`packed_collate`, on the current CUDA device (the CPU where there is none) with
     non-blocking copies; the documents as offsets instead of a ``BlockMask``.
     """
-    if not batch or "seq_lens" not in batch[0]:
-        raise ValueError("packed_varlen_collate needs packs (samples with seq_lens): build the dataset with pack=True")
+    _check_packs(batch, "packed_varlen_collate")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    out = {key: to_device(torch.stack([torch.as_tensor(x[key]) for x in batch]), device)
-           for key in ("tokens", "labels", "input_pos")}
+    out = _stacked(batch, device)
     out["mask"] = packed_documents([x["seq_lens"] for x in batch], out["tokens"].shape[-1], device)
     return out

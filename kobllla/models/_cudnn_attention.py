@@ -6,11 +6,13 @@ k and v copied to every query head. cuDNN's SDPA takes the pack as it is laid ou
 they are (grouped-query attention without the copies); its Hopper kernels are faster than flex's
 Triton ones on these shapes (docs/benchmarks.md).
 
-The kernels come through the cudnn-frontend Python package (``pip install nvidia-cudnn-frontend``;
-``kobllla[cudnn]``), which builds a cuDNN graph per shape: one forward and one backward graph per
-``(documents in the batch, tokens, heads, head_dim)``. :class:`VarlenMask` carries a batch's
-document bounds with its number of documents rounded up to a power of two (the extra documents are
-empty), so a run builds at most ~13 graph pairs (~0.1 s each) whatever its data.
+The kernels come through the cudnn-frontend Python package (``nvidia-cudnn-frontend``, a kobllla
+dependency), which builds a cuDNN graph per shape: one forward and one backward graph (~0.1 s each,
+at first use) per ``(documents in the batch, longest document, tokens, heads, head_dim)``.
+:class:`kobllla.packed_documents.PackedDocuments` rounds the number of documents up to a power of
+two (the extra documents are empty) and the longest document up to a multiple of 128, so at seq 4096
+a run builds at most 13 x 32 graph pairs whatever its data (the kernel time does not depend on the
+rounding: docs/benchmarks.md).
 
 The two ops are ``torch.library`` custom ops with fake implementations, so a compiled layer traces
 them as single nodes, and with an autograd formula, so the backward is cuDNN's too.
@@ -34,15 +36,13 @@ class VarlenMask(NamedTuple):
 
     ``seq_lens``: ``[n, 1, 1, 1]`` int32 document lengths (``n`` a power of two, trailing documents
     empty); ``max_seqlen``: an upper bound of the longest document (the graphs' sequence dimension);
-    ``cu_seqlens``: ``[n + 1]`` int64 token offsets of each document's start over the whole
-    batch (packs concatenated); ``q_offsets`` / ``kv_offsets`` / ``stats_offsets``: ``cu_seqlens``
-    times the element stride of one token in q-shaped, k/v-shaped and statistics tensors, as
-    ``[n + 1, 1, 1, 1]`` int64 (cuDNN's ragged offsets).
+    ``q_offsets`` / ``kv_offsets`` / ``stats_offsets``: each document's first token over the whole
+    batch (packs concatenated) times the element stride of one token in q-shaped, k/v-shaped and
+    statistics tensors, as ``[n + 1, 1, 1, 1]`` int64 (cuDNN's ragged offsets).
     """
 
     seq_lens: torch.Tensor
     max_seqlen: int
-    cu_seqlens: torch.Tensor
     q_offsets: torch.Tensor
     kv_offsets: torch.Tensor
     stats_offsets: torch.Tensor
@@ -54,7 +54,6 @@ def varlen_mask(cu_seqlens: torch.Tensor, max_seqlen: int, *, num_heads: int, nu
     cu = cu_seqlens.to(torch.int64)
     col = cu.view(-1, 1, 1, 1)
     return VarlenMask(seq_lens=(cu[1:] - cu[:-1]).to(torch.int32).view(-1, 1, 1, 1), max_seqlen=max_seqlen,
-                      cu_seqlens=cu,
                       q_offsets=col * (num_heads * head_dim), kv_offsets=col * (num_kv_heads * head_dim),
                       stats_offsets=col * num_heads)
 
@@ -64,7 +63,7 @@ def _cudnn():
         import cudnn
     except ImportError as e:  # pragma: no cover - GPU environments only
         raise ImportError("model.attention: cudnn needs the cudnn-frontend package: pip install "
-                          "nvidia-cudnn-frontend (or kobllla[cudnn])") from e
+                          "'nvidia-cudnn-frontend==1.16.0'") from e
     return cudnn
 
 

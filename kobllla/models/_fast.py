@@ -31,6 +31,7 @@ cross-attention.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -40,6 +41,7 @@ from torchtune.modules import FeedForward, MultiHeadAttention
 from torchtune.modules.peft import LoRALinear
 
 from kobllla.models._cudnn_attention import VarlenMask, varlen_mask
+from kobllla.models._cudnn_attention import attention as cudnn_attention
 from kobllla.packed_documents import PackedDocuments
 
 Attention = Literal["flex", "flex_inline", "cudnn"]
@@ -142,11 +144,10 @@ class FastAttention(_FusedGroup, MultiHeadAttention):
             q = self.pos_embeddings(q, input_pos=input_pos)
             k = self.pos_embeddings(k, input_pos=input_pos)
         if isinstance(mask, VarlenMask):  # attention: cudnn, packs as [tokens, heads, dim], GQA as it is
-            from kobllla.models._cudnn_attention import attention
-
             if self.training and self.attn_dropout > 0.0:
                 raise ValueError("attention: cudnn does not support dropout; set attn_dropout to 0.0")
-            out = attention(q.reshape(b * s, nh, hd), k.reshape(b * s, nkv, hd), v.reshape(b * s, nkv, hd), mask)
+            out = cudnn_attention(q.reshape(b * s, nh, hd), k.reshape(b * s, nkv, hd), v.reshape(b * s, nkv, hd),
+                                  mask)
             return self.output_proj(out.view(b, s, nh * hd))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if nh != nkv:  # torchtune's layout: every query head gets its own copy of k and v
@@ -194,7 +195,9 @@ def apply_fast_layers(model: nn.Module, *, fuse_projections: bool, attention: At
         raise ValueError(f"model.attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
     if attention == "cudnn":
         _check_cudnn()
-        model.register_forward_pre_hook(_documents_to_mask, with_kwargs=True)
+        attn = next(m for m in model.modules() if isinstance(m, MultiHeadAttention))
+        heads = dict(num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim)
+        model.register_forward_pre_hook(functools.partial(_documents_to_mask, heads=heads), with_kwargs=True)
     for name, module in model.named_modules():
         if isinstance(module, MultiHeadAttention) and (fuse_projections or attention != "flex"):
             module.__class__ = FastAttention
@@ -225,12 +228,11 @@ def _check_cudnn() -> None:
     try:
         import cudnn  # noqa: F401
     except ImportError:
-        raise ValueError("model.attention: cudnn needs the cudnn-frontend package: pip install "
-                         "'nvidia-cudnn-frontend==1.16.0' (or pip install -e '.[cudnn]'), or use attention: "
-                         "flex_inline") from None
+        raise ValueError("model.attention: cudnn needs the cudnn-frontend package (a kobllla dependency): pip "
+                         "install 'nvidia-cudnn-frontend==1.16.0', or use attention: flex_inline") from None
 
 
-def _documents_to_mask(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _documents_to_mask(model: nn.Module, args: tuple, kwargs: dict, *, heads: dict) -> tuple[tuple, dict]:
     """Decoder pre-hook of ``attention: cudnn``: a batch's :class:`PackedDocuments` -> the layers' mask.
 
     On a GPU, a :class:`VarlenMask` (the cuDNN graphs' offsets, built once per batch for every layer);
@@ -243,9 +245,7 @@ def _documents_to_mask(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
         if tokens is None:
             tokens = kwargs["input_embeds"]
         if tokens.is_cuda:
-            attn = next(m for m in model.modules() if isinstance(m, MultiHeadAttention))
-            kwargs["mask"] = varlen_mask(mask.cu_seqlens, mask.max_seqlen, num_heads=attn.num_heads,
-                                         num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim)
+            kwargs["mask"] = varlen_mask(mask.cu_seqlens, mask.max_seqlen, **heads)
         else:
             kwargs["mask"] = mask.block_causal_mask(tokens.shape[0], tokens.shape[1]).to(tokens.device)
     elif _is_block_mask(mask):

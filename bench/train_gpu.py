@@ -62,6 +62,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "configs" / "llama3_8b" / "stage1_kowiki_lora_single_device.yaml"
+# The previous code's shipped config, for the "prev" variants: `git archive REV kobllla configs | tar -x -C .prev`
+# (an ignored folder; carry it to the GPU machine); those runs import kobllla from there (python -P).
+PREV_DIR = REPO / ".prev"
 IGNORE_INDEX = -100  # torchtune's CROSS_ENTROPY_IGNORE_IDX and transformers' loss default
 
 # bf16 dense tensor-core peak, FLOP/s (NVIDIA datasheets, SXM parts)
@@ -381,6 +384,9 @@ VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
     # its Triton kernels' launch configs; cuBLASLt instead of cuBLAS for every matmul
     "shippedcd": None,
     "shippedlt": None,
+    # ... and inductor's multi-kernels at 2 packs per micro-batch: reductions up to 16x longer rows (the 4,096-wide
+    # RMSNorm backward) also compiled persistent (one read of each row), the faster one picked by timing both
+    "shippedmkbs2": None,
     # the shipped config at 2 (4) packs per micro-batch, with 1/2 (1/4) the accumulation: the same packs per
     # optimizer step in the same order, so the same losses (VARIANT_BATCH)
     "shippedbs2": None,
@@ -389,16 +395,25 @@ VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
     # by kobllla.datasets.packed_varlen_collate; at 1 and at 2 packs per micro-batch
     "cudnn": (_KB_MODEL, {"attention": "cudnn"}, _TT_LOSS, "varlen"),
     "cudnnbs2": (_KB_MODEL, {"attention": "cudnn"}, _TT_LOSS, "varlen"),
-    # + the output projection fused with the loss (kobllla.losses.FusedLinearCrossEntropyLoss), 2 packs per micro-batch
+    # + the output projection fused with the loss (kobllla.losses.FusedLinearCrossEntropyLoss), at 1 and 2 packs
+    "cudnnfused": (_KB_MODEL, {"attention": "cudnn", "output": "hidden"}, _FUSED_LOSS, "varlen"),
     "cudnnfusedbs2": (_KB_MODEL, {"attention": "cudnn", "output": "hidden"}, _FUSED_LOSS, "varlen"),
+    # + q/k/v and gate/up as one frozen matmul each (fuse_projections), 2 packs per micro-batch
+    "cudnnfastbs2": (_KB_MODEL, {"attention": "cudnn", "output": "hidden", "fuse_projections": True}, _FUSED_LOSS,
+                     "varlen"),
     # the pre-cudnn shipped config (flex attention in the layer's graph, packed_collate) at 2 packs per micro-batch
     "inlinepcbs2": (_KB_MODEL, _INLINE, _TT_LOSS, "kobllla"),
+    # the previous code (PREV_DIR) with its own shipped config, at 1 and 2 packs per micro-batch
+    "prev": None,
+    "prevbs2": None,
 }
 VARIANT_BATCH: dict[str, int] = {"shippedbs2": 2, "shippedbs4": 4, "cudnnbs2": 2, "inlinepcbs2": 2,
-                                 "cudnnfusedbs2": 2}
+                                 "cudnnfusedbs2": 2, "cudnnfastbs2": 2, "prevbs2": 2,
+                                 "shippedmkbs2": 2}
 VARIANT_ENV: dict[str, dict[str, str]] = {
     "shippedcd": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"},
     "shippedlt": {"TORCH_BLAS_PREFER_CUBLASLT": "1"},
+    "shippedmkbs2": {"TORCHINDUCTOR_MULTI_KERNEL": "1"},
 }
 SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention")
 PACKED_COLLATE = "kobllla.datasets.packed_collate"  # kobllla.datasets._collate.COLLATE_PATH (that imports torch)
@@ -467,7 +482,11 @@ def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_pa
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
-    cfg = OmegaConf.to_container(OmegaConf.load(SHIPPED_CONFIG), resolve=False)
+    config = PREV_DIR / SHIPPED_CONFIG.relative_to(REPO) if variant.startswith("prev") else SHIPPED_CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: the {variant} variant reads the previous code's config there "
+                                "(git archive REV kobllla configs | tar -x -C .prev)")
+    cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
     cfg["output_dir"] = str(run_dir / "out")
     cfg["tokenizer"].update(path=str(model_dir / "original" / "tokenizer.model"), max_seq_len=seq_len)
     cfg["checkpointer"].update(checkpoint_dir=str(model_dir), checkpoint_files=files)
@@ -475,8 +494,10 @@ def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_pa
     cfg["dataset"] = {"_component_": "kobllla.datasets.kowikitext_dataset", "source": "csv",
                       "data_files": str(csv_path), "column": "text"}
     set_collate(cfg, shipped_collate)
-    if preset == "tiny":
-        cfg["model"] = tiny_model_block()
+    if preset == "tiny":  # the tiny shape, built by the config's own builder with its speed options
+        speed = {k: v for k, v in cfg["model"].items() if k in SPEED_KEYS}
+        component = cfg["model"]["_component_"].replace("lora_llama3_8b", "lora_llama3")
+        cfg["model"] = {**tiny_model_block(), "_component_": component, **speed}
     apply_variant(cfg, variant, tiny=preset == "tiny")
     cfg.update(batch_size=batch_size, gradient_accumulation_steps=grad_accum, epochs=1, max_steps_per_epoch=steps,
                compile=compile_model, enable_activation_checkpointing=False, save_adapter_weights_only=True,
@@ -494,14 +515,20 @@ def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_pa
 
 
 def run_ours(*, cfg_path: Path, run_dir: Path, log_path: Path, warmup: int, positions_per_step: int,
-             timeout_s: float, env: dict[str, str] | None = None) -> dict:
+             timeout_s: float, env: dict[str, str] | None = None, prev: bool = False) -> dict:
     """``tune run lora_finetune_single_device --config cfg_path`` (with ``env`` added to the process's
     environment); figures from its metric log."""
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "lora_finetune_single_device", "--config", str(cfg_path)]
+    extra = dict(env or {})
+    env = {**os.environ, **extra}
+    if prev:  # kobllla from PREV_DIR: first on the path, and not the working directory's (-P)
+        cmd.insert(1, "-P")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PREV_DIR), str(REPO), env.get("PYTHONPATH", "")]))
     launched = time.time()
-    rc = _run_logged(cmd, log_path, env={**os.environ, **(env or {})}, timeout_s=timeout_s)
+    rc = _run_logged(cmd, log_path, env=env, timeout_s=timeout_s)
     ended = time.time()
-    result: dict = {"command": " ".join(cmd[1:]), "rc": rc, "wall_s": ended - launched, "env": env or {}}
+    result: dict = {"command": " ".join(cmd[1:]), "rc": rc, "wall_s": ended - launched, "env": extra,
+                    "kobllla": str(PREV_DIR) if prev else str(REPO)}
     logs = sorted((run_dir / "logs").glob("log_*.txt"))
     if rc != 0 or not logs:
         result["error"] = f"recipe exited {rc}; see {log_path.name}"
@@ -792,7 +819,8 @@ def _ours_run(name: str, *, args: argparse.Namespace, ctx: dict, batch_size: int
     result = _with_clocks(lambda: run_ours(cfg_path=cfg_path, run_dir=run_dir, log_path=Path(args.out) / f"{name}.log",
                                            warmup=min(args.warmup, steps - 2),
                                            positions_per_step=batch_size * args.seq_len * accum,
-                                           timeout_s=timeout_s, env=VARIANT_ENV.get(variant)))
+                                           timeout_s=timeout_s, env=VARIANT_ENV.get(variant),
+                                           prev=variant.startswith("prev")))
     result = {"batch_size": batch_size, "grad_accum": accum, "compile": compile_model, "variant": variant, **result}
     if profile:
         result["gaps"] = _profile_gaps(run_dir / "profile", Path(args.out), name)

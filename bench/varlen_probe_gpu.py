@@ -9,7 +9,9 @@ Providers, each where it imports:
 - ``aten``: ``torch.ops.aten._cudnn_attention_forward`` with ``cum_seq_q/k`` (PyTorch's own cuDNN
   ragged path), on ``[tokens, heads, dim]``;
 - ``cudnn``: the cudnn-frontend package's ``torch.ops.cudnn.sdpa_fwd`` (THD varlen, GQA, differentiable);
-- ``fa2``: ``torch.ops.aten._flash_attention_forward`` varlen (FlashAttention-2, GQA).
+- ``fa2``: ``torch.ops.aten._flash_attention_forward`` varlen (FlashAttention-2, GQA);
+- ``kobllla``: kobllla's ops (``attention: cudnn``) under several graph-key roundings;
+- ``plans``: every execution plan cuDNN offers for kobllla's graphs, each timed (and dq in fp32).
 
 For each: the median of CUDA-event timings over the packs, the first call's time per new layout
 (graph builds), and the largest error of output and gradients against an fp32 per-document reference
@@ -269,6 +271,75 @@ def provider_kobllla(q, k, v, dout, packs, *, docs="pow2", smax="pow2"):
     return run, got, info
 
 
+def cudnn_plans(q, k, v, dout, packs, iters: int = 20) -> dict:
+    """Every execution plan cuDNN offers for kobllla's forward and backward graphs of one pack (heuristic
+    modes A, B and FALLBACK), each timed on its own, with its kernels and its outputs against the plan
+    kobllla uses; and the backward again with dq in fp32 (no bf16 conversion pass)."""
+    import cudnn
+
+    from kobllla.models import _cudnn_attention as ca
+
+    p = packs[0]
+    n, s = _pow2(len(p)), -(-max(p) // 128) * 128
+    m = ca.varlen_mask(cu_of(list(p) + [0] * (n - len(p))), s, num_heads=H, num_kv_heads=HKV, head_dim=D)
+    scale = 1.0 / math.sqrt(D)
+    out, stats = ca.thd_attention(q, k, v, m.seq_lens, s, m.q_offsets, m.kv_offsets, m.stats_offsets, scale)
+    ref_grads = ca.thd_attention_backward(dout, q, k, v, out, stats, m.seq_lens, s, m.q_offsets, m.kv_offsets,
+                                          m.stats_offsets, scale)
+    common = {"seq": m.seq_lens, "off_q": m.q_offsets, "off_kv": m.kv_offsets, "off_st": m.stats_offsets,
+              "q": q, "k": k, "v": v}
+    handle = ca._handle(q.device)
+    res = {}
+    for kind, dq_type in (("fwd", None), ("bwd", None), ("bwd", cudnn.data_type.FLOAT)):
+        name = kind + ("_dq_fp32" if dq_type is not None else "")
+        key = (kind, q.dtype, n, H, HKV, s, D, scale, -(-SEQ // 64) * 64, q.device)
+        entry = res[name] = {"plans": []}
+        try:
+            g, tensors = ca._define(key, handle, dq_type=dq_type)
+            g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK])
+            try:
+                g.check_support()
+            except Exception as exc:  # noqa: BLE001
+                entry["check_support"] = f"{type(exc).__name__}: {exc}"[:300]
+            count = g.get_execution_plan_count()
+        except Exception as exc:  # noqa: BLE001
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:600]
+            continue
+        for i in range(count):
+            plan = {"index": i}
+            entry["plans"].append(plan)
+            try:
+                plan["name"] = g.get_plan_name_at_index(i)
+                g.build_plan_at_index(i)
+                ws = g.get_workspace_size_plan_at_index(i)
+                plan["workspace_mib"] = round(ws / 2**20, 1)
+                workspace = torch.empty(max(ws, 1), dtype=torch.uint8, device=q.device)
+                if kind == "fwd":
+                    bufs = {**common, "o": torch.empty_like(q), "stats": torch.empty_like(stats)}
+                    check = [("o", bufs["o"], out)]
+                else:
+                    dq = torch.empty(q.shape, dtype=torch.float32 if dq_type is not None else q.dtype,
+                                     device=q.device)
+                    bufs = {**common, "o": out, "do": dout, "stats": stats, "dq": dq, "dk": torch.empty_like(k),
+                            "dv": torch.empty_like(v)}
+                    check = [(nm, bufs[nm], r) for nm, r in zip(("dq", "dk", "dv"), ref_grads, strict=True)]
+                pack = {tensors[nm]: buf for nm, buf in bufs.items()}
+
+                def fn(_i, pack=pack, workspace=workspace, i=i, g=g):
+                    g.execute_plan_at_index(pack, workspace, i, handle=handle)
+
+                fn(0)
+                torch.cuda.synchronize()
+                plan["max_abs_vs_kobllla"] = {nm: (a.float() - r.float()).abs().max().item() for nm, a, r in check}
+                t = timed(fn, 1, iters)
+                plan["median_ms"], plan["min_ms"] = t["median_ms"], t["min_ms"]
+                plan["kernel_ms"], plan["top_kernels_us"] = kernel_ms(fn, 1)
+            except Exception as exc:  # noqa: BLE001 - a probe: record what failed and go on
+                plan["error"] = f"{type(exc).__name__}: {exc}"[:400]
+            print(name, json.dumps(plan)[:700], flush=True)
+    return res
+
+
 def compile_check_cudnn(q, k, v, dout, packs) -> dict:
     """The cudnn op inside torch.compile (as a model layer would call it): recompiles over layouts."""
     import cudnn.sdpa.fwd.torch_op  # noqa: F401
@@ -327,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             for d_, s_ in (("pow2", "total"), ("pow2", "pow2"), ("exact", "exact"), ("pow2", "r128")):
                 variants.append((f"kobllla_docs{d_}_s{s_}",
                                  lambda d_=d_, s_=s_: provider_kobllla(q, k, v, dout, packs, docs=d_, smax=s_)))
+        elif prov == "plans":
+            variants.append(("cudnn_plans", "plans"))
         elif prov == "cudnn":
             variants += [("cudnn_exact", lambda: provider_cudnn(q, k, v, dout, packs)),
                          ("cudnn_max4096", lambda: provider_cudnn(q, k, v, dout, packs, max_mode="full")),
@@ -339,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if make is None:
                 r = {"compile": compile_check_cudnn(q, k, v, dout, packs)}
+            elif make == "plans":
+                r = cudnn_plans(q, k, v, dout, packs)
             else:
                 built = make()
                 run, got = built[0], built[1]

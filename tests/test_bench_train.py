@@ -275,3 +275,18 @@ def test_a_profile_accumulation_below_one_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--profile", "shipped", "--profile-accum", "0"])
     assert "'0' is not a whole number >= 1" in capsys.readouterr().err
+
+
+def test_prev_variants_take_the_previous_codes_config_or_say_how_to_get_it(tmp_path, monkeypatch):
+    common = dict(model_dir=Path("/m"), files=["a.safetensors"], csv_path=Path("/d.csv"), run_dir=tmp_path / "run",
+                  seq_len=4096, batch_size=1, steps=5, compile_model=True, device="cuda", dtype="bf16")
+    monkeypatch.setattr(bench, "PREV_DIR", tmp_path / "prev")
+    with pytest.raises(FileNotFoundError, match=r"git archive REV kobllla configs \| tar -x -C .prev"):
+        bench.write_recipe_config(tmp_path / "p.yaml", preset="llama3-8b", variant="prev", **common)
+    old = tmp_path / "prev" / bench.SHIPPED_CONFIG.relative_to(bench.REPO)
+    old.parent.mkdir(parents=True)
+    text = bench.SHIPPED_CONFIG.read_text(encoding="utf-8").replace("attention: cudnn", "attention: flex_inline")
+    old.write_text(text, encoding="utf-8")
+    cfg = bench.write_recipe_config(tmp_path / "p.yaml", preset="llama3-8b", variant="prevbs2", **common)
+    assert cfg["model"]["attention"] == "flex_inline"
+    assert bench.variant_batch("prevbs2", batch_size=1, grad_accum=8) == (2, 4)

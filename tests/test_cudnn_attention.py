@@ -111,8 +111,8 @@ def test_the_model_computes_what_torchtunes_computes_on_the_dense_mask():
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert len(grads) == 8  # q and v adapters, A and B, of both layers
     for name, p in ref_model.named_parameters():
-        if p.grad is not None:
-            assert torch.equal(grads[name], p.grad), name
+        if p.grad is not None:  # the q and v adapters' A gradients come from one matmul: another summation order
+            assert torch.allclose(grads[name], p.grad, rtol=1e-5, atol=1e-9), name
 
 
 def test_a_cudnn_model_given_a_block_mask_names_the_collate_to_use():

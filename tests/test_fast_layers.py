@@ -76,6 +76,55 @@ def test_fast_layers_match_torchtune_in_output_and_every_adapter_gradient(ours):
         assert _rel(got_grads[name], g) < 1e-4, name
 
 
+class _CountMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_matmuls(attn, x, **kw) -> int:
+    with _CountMatmuls() as c:
+        attn(x, x, **kw)
+    return c.n
+
+
+@pytest.mark.parametrize("alpha", [8.0, 3.0])  # alpha / rank 2 (exact when moved onto A x) and 0.75
+def test_adapters_sharing_an_input_run_their_a_matmuls_as_one(alpha):
+    """LoRA on q and v (the stage configs'): one matmul for both A's, the same outputs and gradients as
+    torchtune's; an adapter with dropout, a disabled one and a NF4 base keep torchtune's own forward."""
+    shape = {**SHAPE, "lora_alpha": alpha}
+    torch.manual_seed(0)
+    ref = lora_llama3(["q_proj", "v_proj"], **shape)
+    for name, p in ref.named_parameters():
+        if "lora_b" in name:
+            p.data.normal_(0, 0.02)
+    mine = models.lora_llama3(["q_proj", "v_proj"], **shape, attention="flex_inline")
+    mine.load_state_dict(ref.state_dict())
+    for m in (ref, mine):
+        set_trainable_params(m, get_adapter_params(m))
+    tokens = torch.randint(0, SHAPE["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(2))
+    want, want_grads = _step(ref, tokens)
+    got, got_grads = _step(mine, tokens)
+    assert _rel(got, want) < 1e-5
+    assert len(want_grads) == 2 * 2 * 2
+    for name, g in want_grads.items():
+        assert _rel(got_grads[name], g) < 1e-5, name
+    x = torch.randn(1, 8, SHAPE["embed_dim"])
+    attn_ref, attn = ref.layers[0].attn, mine.layers[0].attn
+    # q, k, v, output: 4 base matmuls; torchtune: A and B per adapter (4); grouped: one A, two B's
+    assert (_attention_matmuls(attn_ref, x), _attention_matmuls(attn, x)) == (8, 7)
+    attn.v_proj.disabled = True
+    assert _attention_matmuls(attn, x) == 6  # q's adapter alone: torchtune's forward
+    attn.v_proj.disabled = False
+    attn.v_proj.dropout = torch.nn.Dropout(0.1)
+    assert _attention_matmuls(attn, x) == 8
+
+
 def test_packed_batch_uses_torchtunes_document_mask():
     batch = _packed_batch()
     ref, mine = _pair(fuse_projections=True, attention="flex_inline")

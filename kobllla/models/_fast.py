@@ -63,6 +63,39 @@ def _lora_delta(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return (module.alpha / module.rank) * module.lora_b(module.lora_a(module.dropout(x)))
 
 
+def _groupable(module: nn.Module) -> bool:
+    """A ``LoRALinear`` (any base) whose adapter can share its first matmul with its siblings': enabled,
+    no dropout (each adapter would draw its own mask), plain bias-free ``nn.Linear`` adapter layers."""
+    return (isinstance(module, LoRALinear) and not module.disabled and isinstance(module.dropout, nn.Identity)
+            and type(module.lora_a) is nn.Linear and type(module.lora_b) is nn.Linear
+            and module.lora_a.bias is None and module.lora_b.bias is None)
+
+
+def _lora_deltas(modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor | None]:
+    """The adapter outputs ``alpha / rank * B A x`` of ``modules``, which all read ``x``.
+
+    Where two or more adapters can be grouped, their ``A`` matrices run as one matmul (x is read once
+    forward; backward, one matmul for all of their ``A`` gradients and one for their input gradient,
+    instead of one each), and the scale multiplies the rank-wide ``A x`` instead of the wide output,
+    so the backward scales no ``[tokens, out]`` gradient. The same products as torchtune's
+    ``LoRALinear``, in another order of rounding (none at all for a power-of-two ``alpha / rank``).
+    """
+    grouped = [i for i, m in enumerate(modules) if _groupable(m)]
+    if len(grouped) < 2:
+        return [_lora_delta(m, x) for m in modules]
+    deltas: list[torch.Tensor | None] = [None if i in grouped else _lora_delta(m, x) for i, m in enumerate(modules)]
+    a = F.linear(x, torch.cat([modules[i].lora_a.weight for i in grouped]))
+    for i, a_i in zip(grouped, a.split([modules[i].lora_a.out_features for i in grouped], dim=-1), strict=True):
+        m = modules[i]
+        deltas[i] = F.linear(a_i * (m.alpha / m.rank), m.lora_b.weight)
+    return deltas
+
+
+def _plain_base(module: nn.Module) -> bool:
+    """A bf16/fp32 ``nn.Linear`` or ``LoRALinear`` base (not NF4, not float8): ``F.linear`` computes it."""
+    return type(module) is nn.Linear or (type(module) is LoRALinear and not module._quantize_base)
+
+
 def _frozen(*modules: nn.Module) -> bool:
     return all(not m.weight.requires_grad for m in modules)
 
@@ -128,15 +161,20 @@ class FastAttention(_FusedGroup, MultiHeadAttention):
             return super().forward(x, y, mask=mask, input_pos=input_pos)
         b, s, _ = x.shape
         hd, nh, nkv = self.head_dim, self.num_heads, self.num_kv_heads
-        if self._fuse and _frozen(self.q_proj, self.k_proj, self.v_proj):
+        projs = [self.q_proj, self.k_proj, self.v_proj]
+        if self._fuse and _frozen(*projs):
             parts = list(self._fused_matmul(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1))
-            for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
-                delta = _lora_delta(proj, x)
+        elif all(_plain_base(p) for p in projs) and sum(map(_groupable, projs)) >= 2:
+            parts = [F.linear(x, p.weight, p.bias) for p in projs]
+        else:
+            parts = None
+        if parts is None:
+            q, k, v = (p(x) for p in projs)
+        else:
+            for i, delta in enumerate(_lora_deltas(projs, x)):
                 if delta is not None:
                     parts[i] = parts[i] + delta
             q, k, v = parts
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.reshape(b, s, nh, hd)
         k = k.reshape(b, s, nkv, hd)
         v = v.reshape(b, s, nkv, hd)
@@ -176,7 +214,7 @@ class FusedFeedForward(_FusedGroup, FeedForward):
         if not _frozen(self.w1, self.w3):
             return super().forward(x)
         gate, up = self._fused_matmul(x).chunk(2, dim=-1)
-        d1, d3 = _lora_delta(self.w1, x), _lora_delta(self.w3, x)
+        d1, d3 = _lora_deltas([self.w1, self.w3], x)
         if d1 is not None:
             gate = gate + d1
         if d3 is not None:

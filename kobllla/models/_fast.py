@@ -24,6 +24,10 @@ weights, state-dict keys and checkpoints exactly torchtune's:
   backward kernel took 812 us against 597 us on torchtune's per-query-head copies, so it is not
   offered.)
 
+In these layers, LoRA adapters on projections that read the same input (q and v in the stage
+configs) run their ``A`` matmuls as one (:func:`_lora_deltas`); an adapter with dropout, a disabled one,
+or a float8 / NF4 base in an unfused layer keeps torchtune's own forward.
+
 A layer falls back to torchtune's own forward whenever the fast path does not apply: a trained
 base weight (full fine-tuning, LoRA with ``fuse`` on a trained k), a KV cache in use, q/k norms,
 cross-attention.

@@ -65,7 +65,8 @@ def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool, fp8_output: 
         raise ValueError("model.fp8_output needs model.fp8: True")
     if fp8_output and output == "hidden":
         raise ValueError("model.fp8_output needs output: logits (with output: hidden the loss does the projection "
-                         "in bf16)")
+                         "in bf16): add model.output=logits "
+                         "loss._component_=torchtune.modules.loss.CEWithChunkedOutputLoss")
     if output == "hidden":
         if type(model.output) is not nn.Linear:
             raise ValueError(

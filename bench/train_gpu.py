@@ -65,6 +65,11 @@ SHIPPED_CONFIG = REPO / "configs" / "llama3_8b" / "stage1_kowiki_lora_single_dev
 # The previous code's shipped config, for the "prev" variants: `git archive REV kobllla configs | tar -x -C .prev`
 # (an ignored folder; carry it to the GPU machine); those runs import kobllla from there (python -P).
 PREV_DIR = REPO / ".prev"
+
+
+def is_prev(variant: str) -> bool:
+    """A variant that runs the previous code (PREV_DIR) and its own shipped config."""
+    return variant.startswith("prev")
 IGNORE_INDEX = -100  # torchtune's CROSS_ENTROPY_IGNORE_IDX and transformers' loss default
 
 # bf16 dense tensor-core peak, FLOP/s (NVIDIA datasheets, SXM parts)
@@ -482,7 +487,7 @@ def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_pa
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
-    config = PREV_DIR / SHIPPED_CONFIG.relative_to(REPO) if variant.startswith("prev") else SHIPPED_CONFIG
+    config = PREV_DIR / SHIPPED_CONFIG.relative_to(REPO) if is_prev(variant) else SHIPPED_CONFIG
     if not config.is_file():
         raise FileNotFoundError(f"{config}: the {variant} variant reads the previous code's config there "
                                 "(git archive REV kobllla configs | tar -x -C .prev)")
@@ -820,7 +825,7 @@ def _ours_run(name: str, *, args: argparse.Namespace, ctx: dict, batch_size: int
                                            warmup=min(args.warmup, steps - 2),
                                            positions_per_step=batch_size * args.seq_len * accum,
                                            timeout_s=timeout_s, env=VARIANT_ENV.get(variant),
-                                           prev=variant.startswith("prev")))
+                                           prev=is_prev(variant)))
     result = {"batch_size": batch_size, "grad_accum": accum, "compile": compile_model, "variant": variant, **result}
     if profile:
         result["gaps"] = _profile_gaps(run_dir / "profile", Path(args.out), name)

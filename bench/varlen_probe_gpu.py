@@ -11,7 +11,7 @@ Providers, each where it imports:
 - ``cudnn``: the cudnn-frontend package's ``torch.ops.cudnn.sdpa_fwd`` (THD varlen, GQA, differentiable);
 - ``fa2``: ``torch.ops.aten._flash_attention_forward`` varlen (FlashAttention-2, GQA);
 - ``kobllla``: kobllla's ops (``attention: cudnn``) under several graph-key roundings;
-- ``plans``: every execution plan cuDNN offers for kobllla's graphs, each timed (and dq in fp32).
+- ``plans``: every execution plan cuDNN offers for kobllla's graphs, each timed.
 
 For each: the median of CUDA-event timings over the packs, the first call's time per new layout
 (graph builds), and the largest error of output and gradients against an fp32 per-document reference
@@ -274,7 +274,7 @@ def provider_kobllla(q, k, v, dout, packs, *, docs="pow2", smax="pow2"):
 def cudnn_plans(q, k, v, dout, packs, iters: int = 20) -> dict:
     """Every execution plan cuDNN offers for kobllla's forward and backward graphs of one pack (heuristic
     modes A, B and FALLBACK), each timed on its own, with its kernels and its outputs against the plan
-    kobllla uses; and the backward again with dq in fp32 (no bf16 conversion pass)."""
+    kobllla uses."""
     import cudnn
 
     from kobllla.models import _cudnn_attention as ca
@@ -290,12 +290,11 @@ def cudnn_plans(q, k, v, dout, packs, iters: int = 20) -> dict:
               "q": q, "k": k, "v": v}
     handle = ca._handle(q.device)
     res = {}
-    for kind, dq_type in (("fwd", None), ("bwd", None), ("bwd", cudnn.data_type.FLOAT)):
-        name = kind + ("_dq_fp32" if dq_type is not None else "")
+    for kind in ("fwd", "bwd"):
         key = (kind, q.dtype, n, H, HKV, s, D, scale, -(-SEQ // 64) * 64, q.device)
-        entry = res[name] = {"plans": []}
+        entry = res[kind] = {"plans": []}
         try:
-            g, tensors = ca._define(key, handle, dq_type=dq_type)
+            g, tensors = ca._define(key, handle)
             g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK])
             try:
                 g.check_support()
@@ -318,10 +317,8 @@ def cudnn_plans(q, k, v, dout, packs, iters: int = 20) -> dict:
                     bufs = {**common, "o": torch.empty_like(q), "stats": torch.empty_like(stats)}
                     check = [("o", bufs["o"], out)]
                 else:
-                    dq = torch.empty(q.shape, dtype=torch.float32 if dq_type is not None else q.dtype,
-                                     device=q.device)
-                    bufs = {**common, "o": out, "do": dout, "stats": stats, "dq": dq, "dk": torch.empty_like(k),
-                            "dv": torch.empty_like(v)}
+                    bufs = {**common, "o": out, "do": dout, "stats": stats, "dq": torch.empty_like(q),
+                            "dk": torch.empty_like(k), "dv": torch.empty_like(v)}
                     check = [(nm, bufs[nm], r) for nm, r in zip(("dq", "dk", "dv"), ref_grads, strict=True)]
                 pack = {tensors[nm]: buf for nm, buf in bufs.items()}
 
@@ -336,7 +333,7 @@ def cudnn_plans(q, k, v, dout, packs, iters: int = 20) -> dict:
                 plan["kernel_ms"], plan["top_kernels_us"] = kernel_ms(fn, 1)
             except Exception as exc:  # noqa: BLE001 - a probe: record what failed and go on
                 plan["error"] = f"{type(exc).__name__}: {exc}"[:400]
-            print(name, json.dumps(plan)[:700], flush=True)
+            print(kind, json.dumps(plan)[:700], flush=True)
     return res
 
 

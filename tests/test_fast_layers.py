@@ -96,7 +96,7 @@ def _attention_matmuls(attn, x, **kw) -> int:
 @pytest.mark.parametrize("alpha", [8.0, 3.0])  # alpha / rank 2 (exact when moved onto A x) and 0.75
 def test_adapters_sharing_an_input_run_their_a_matmuls_as_one(alpha):
     """LoRA on q and v (the stage configs'): one matmul for both A's, the same outputs and gradients as
-    torchtune's; an adapter with dropout, a disabled one and a NF4 base keep torchtune's own forward."""
+    torchtune's; an adapter with dropout or a disabled one keeps torchtune's own forward."""
     shape = {**SHAPE, "lora_alpha": alpha}
     torch.manual_seed(0)
     ref = lora_llama3(["q_proj", "v_proj"], **shape)

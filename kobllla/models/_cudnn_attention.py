@@ -98,11 +98,9 @@ def _col(g, name: str, n: int, dtype):
     return g.tensor(name=name, dim=[n, 1, 1, 1], stride=[1, 1, 1, 1], data_type=dtype)
 
 
-def _define(key: tuple, handle, *, dq_type=None):  # noqa: ANN001, ANN202
-    """The cuDNN graph of ``key`` and its named tensors, validated, before any execution plan is made.
-
-    ``dq_type``: the backward's dq data type (default: the inputs'; bench/varlen_probe_gpu.py tries fp32).
-    """
+def _define(key: tuple, handle):  # noqa: ANN001, ANN202
+    """The cuDNN graph of ``key`` and its named tensors, validated, before any execution plan is made
+    (:func:`_build` makes cuDNN's first plan; bench/varlen_probe_gpu.py times every plan)."""
     cudnn = _cudnn()
     kind, torch_dtype, b, hq, hkv, s, d, scale, total = key[:9]
     io = _io_type(torch_dtype)
@@ -130,8 +128,6 @@ def _define(key: tuple, handle, *, dq_type=None):  # noqa: ANN001, ANN202
                                      max_total_seq_len_q=total, max_total_seq_len_kv=total, **common)
         for t, h in ((dq, hq), (dk, hkv), (dv, hkv)):
             t.set_output(True).set_dim([b, h, s, d]).set_stride([s * h * d, d, h * d, 1]).set_data_type(io)
-        if dq_type is not None:
-            dq.set_data_type(dq_type)
         dq.set_ragged_offset(off_q)
         dk.set_ragged_offset(off_kv)
         dv.set_ragged_offset(off_kv)

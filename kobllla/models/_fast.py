@@ -95,6 +95,12 @@ def _lora_deltas(modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor
     return deltas
 
 
+def _with_deltas(bases: list[torch.Tensor], modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """``bases`` (the frozen outputs of ``modules`` on ``x``) plus each module's adapter output, if any."""
+    deltas = _lora_deltas(modules, x)
+    return [base if delta is None else base + delta for base, delta in zip(bases, deltas, strict=True)]
+
+
 def _plain_base(module: nn.Module) -> bool:
     """A bf16/fp32 ``nn.Linear`` or ``LoRALinear`` base (not NF4, not float8): ``F.linear`` computes it."""
     return type(module) is nn.Linear or (type(module) is LoRALinear and not module._quantize_base)
@@ -167,18 +173,11 @@ class FastAttention(_FusedGroup, MultiHeadAttention):
         hd, nh, nkv = self.head_dim, self.num_heads, self.num_kv_heads
         projs = [self.q_proj, self.k_proj, self.v_proj]
         if self._fuse and _frozen(*projs):
-            parts = list(self._fused_matmul(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1))
-        elif all(_plain_base(p) for p in projs) and sum(map(_groupable, projs)) >= 2:
-            parts = [F.linear(x, p.weight, p.bias) for p in projs]
+            q, k, v = _with_deltas(list(self._fused_matmul(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)), projs, x)
+        elif all(map(_plain_base, projs)) and sum(map(_groupable, projs)) >= 2:
+            q, k, v = _with_deltas([F.linear(x, p.weight, p.bias) for p in projs], projs, x)
         else:
-            parts = None
-        if parts is None:
             q, k, v = (p(x) for p in projs)
-        else:
-            for i, delta in enumerate(_lora_deltas(projs, x)):
-                if delta is not None:
-                    parts[i] = parts[i] + delta
-            q, k, v = parts
         q = q.reshape(b, s, nh, hd)
         k = k.reshape(b, s, nkv, hd)
         v = v.reshape(b, s, nkv, hd)
@@ -217,12 +216,7 @@ class FusedFeedForward(_FusedGroup, FeedForward):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _frozen(self.w1, self.w3):
             return super().forward(x)
-        gate, up = self._fused_matmul(x).chunk(2, dim=-1)
-        d1, d3 = _lora_deltas([self.w1, self.w3], x)
-        if d1 is not None:
-            gate = gate + d1
-        if d3 is not None:
-            up = up + d3
+        gate, up = _with_deltas(list(self._fused_matmul(x).chunk(2, dim=-1)), [self.w1, self.w3], x)
         return self.w2(self.activation(gate) * up)
 
 

@@ -488,9 +488,10 @@ def write_recipe_config(path: Path, *, model_dir: Path, files: list[str], csv_pa
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     config = PREV_DIR / SHIPPED_CONFIG.relative_to(REPO) if is_prev(variant) else SHIPPED_CONFIG
-    if not config.is_file():
-        raise FileNotFoundError(f"{config}: the {variant} variant reads the previous code's config there "
-                                "(git archive REV kobllla configs | tar -x -C .prev)")
+    for need in (config, *([PREV_DIR / "kobllla" / "__init__.py"] if is_prev(variant) else [])):
+        if not need.is_file():  # without the old package the run would import today's kobllla unnoticed
+            raise FileNotFoundError(f"{need}: the {variant} variant runs the previous code's package and config "
+                                    "from there (git archive REV kobllla configs | tar -x -C .prev)")
     cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
     cfg["output_dir"] = str(run_dir / "out")
     cfg["tokenizer"].update(path=str(model_dir / "original" / "tokenizer.model"), max_seq_len=seq_len)

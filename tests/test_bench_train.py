@@ -287,6 +287,10 @@ def test_prev_variants_take_the_previous_codes_config_or_say_how_to_get_it(tmp_p
     old.parent.mkdir(parents=True)
     text = bench.SHIPPED_CONFIG.read_text(encoding="utf-8").replace("attention: cudnn", "attention: flex_inline")
     old.write_text(text, encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match=r"prev/kobllla/__init__.py: the prevbs2 variant runs the previous"):
+        bench.write_recipe_config(tmp_path / "p.yaml", preset="llama3-8b", variant="prevbs2", **common)
+    (tmp_path / "prev" / "kobllla").mkdir()
+    (tmp_path / "prev" / "kobllla" / "__init__.py").write_text("", encoding="utf-8")
     cfg = bench.write_recipe_config(tmp_path / "p.yaml", preset="llama3-8b", variant="prevbs2", **common)
     assert cfg["model"]["attention"] == "flex_inline"
     assert bench.variant_batch("prevbs2", batch_size=1, grad_accum=8) == (2, 4)

@@ -810,6 +810,16 @@ def profile_steps(accum: int) -> int:
     return -(-(sum(PROFILE_SCHEDULE.values()) + 1) // accum) + 1
 
 
+def too_late(walls: list[float], left_s: float) -> str | None:
+    """Why a recipe run should not start with ``left_s`` seconds of the call's deadline left, given the wall
+    times of the runs that finished before it (None: start it). A run killed at the deadline measures
+    nothing and spends its device time, so one is started only while the slowest finished run would fit;
+    with none finished yet, only the ``--ours-timeout-s`` cut applies."""
+    if walls and left_s < max(walls):
+        return f"skipped: {left_s:.0f} s left < {max(walls):.0f} s, the slowest finished run"
+    return None
+
+
 def _ours_run(name: str, *, args: argparse.Namespace, ctx: dict, batch_size: int, compile_model: bool,
               timeout_s: float, variant: str = "shipped", profile: bool = False) -> dict:
     run_dir = Path(args.work) / name
@@ -912,13 +922,21 @@ def run_all(args: argparse.Namespace) -> dict:
     res["flops"] = {"matmul_params": n_mm, "per_position": fpp, "peak": peak}
     try:
         ctx = _prepare(args, res, device)
+        walls: list[float] = []  # the finished runs' wall times: a run that can't finish isn't started
         for variant in args.variants:
             name = f"ours-{variant}"
+            if (why := too_late(walls, clock.left() - 5)) is not None:
+                res[name] = {"variant": variant, "error": why}
+                continue
             res[name] = _ours_run(name, args=args, ctx=ctx, batch_size=args.batch_size, compile_model=args.compile,
                                   timeout_s=min(args.ours_timeout_s, clock.left() - 5), variant=variant)
+            walls += [res[name]["wall_s"]] if res[name].get("rc") == 0 else []
             _write_json(out / "results.json", res)
         for variant in args.profile:
             name = f"profile-{variant}"
+            if (why := too_late(walls, clock.left() - 5)) is not None:
+                res[name] = {"variant": variant, "error": why}
+                continue
             res[name] = _ours_run(name, args=args, ctx=ctx, batch_size=args.batch_size, compile_model=args.compile,
                                   timeout_s=min(args.ours_timeout_s, clock.left() - 5), variant=variant, profile=True)
             _write_json(out / "results.json", res)

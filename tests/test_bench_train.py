@@ -12,6 +12,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -294,3 +295,27 @@ def test_prev_variants_take_the_previous_codes_config_or_say_how_to_get_it(tmp_p
     cfg = bench.write_recipe_config(tmp_path / "p.yaml", preset="llama3-8b", variant="prevbs2", **common)
     assert cfg["model"]["attention"] == "flex_inline"
     assert bench.variant_batch("prevbs2", batch_size=1, grad_accum=8) == (2, 4)
+
+
+def test_a_run_that_cannot_finish_before_the_deadline_is_not_started(tmp_path, monkeypatch):
+    """The eighth call's last variant started with 60 s left, was killed at the deadline and measured nothing:
+    a run starts only while the slowest finished run would still fit."""
+    now = [0.0]
+    monkeypatch.setattr(bench, "time", SimpleNamespace(time=lambda: now[0]))  # the benchmark's clock only
+    monkeypatch.setattr(bench, "_prepare", lambda args, res, device: {})
+    started = []
+
+    def fake_run(name, *, timeout_s, variant, **_):
+        started.append((variant, timeout_s))
+        now[0] += 100.0 if variant != "inline" else 120.0
+        return {"variant": variant, "rc": 0, "wall_s": 100.0 if variant != "inline" else 120.0}
+
+    monkeypatch.setattr(bench, "_ours_run", fake_run)
+    args = bench.parse_args(["--out", str(tmp_path), "--variants", "shipped,inline,stock,fused", "--peer-steps", "0",
+                             "--deadline-s", "370", "--ours-timeout-s", "300"])
+    res = bench.run_all(args)
+    # 370 s: shipped (0-100), inline (100-220), stock (220-320); fused would need 120 s with 45 left
+    assert [v for v, _ in started] == ["shipped", "inline", "stock"]
+    assert started[0][1] == 300 and started[2][1] == pytest.approx(145)
+    assert res["ours-fused"]["error"] == "skipped: 45 s left < 120 s, the slowest finished run"
+    assert bench.too_late([], 10) is None and bench.too_late([50.0], 50) is None

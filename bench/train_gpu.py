@@ -70,6 +70,8 @@ PREV_DIR = REPO / ".prev"
 def is_prev(variant: str) -> bool:
     """A variant that runs the previous code (PREV_DIR) and its own shipped config."""
     return variant.startswith("prev")
+
+
 IGNORE_INDEX = -100  # torchtune's CROSS_ENTROPY_IGNORE_IDX and transformers' loss default
 
 # bf16 dense tensor-core peak, FLOP/s (NVIDIA datasheets, SXM parts)
@@ -923,22 +925,15 @@ def run_all(args: argparse.Namespace) -> dict:
     try:
         ctx = _prepare(args, res, device)
         walls: list[float] = []  # the finished runs' wall times: a run that can't finish isn't started
-        for variant in args.variants:
-            name = f"ours-{variant}"
+        runs = [(f"ours-{v}", v, False) for v in args.variants] + [(f"profile-{v}", v, True) for v in args.profile]
+        for name, variant, profile in runs:
             if (why := too_late(walls, clock.left() - 5)) is not None:
                 res[name] = {"variant": variant, "error": why}
                 continue
             res[name] = _ours_run(name, args=args, ctx=ctx, batch_size=args.batch_size, compile_model=args.compile,
-                                  timeout_s=min(args.ours_timeout_s, clock.left() - 5), variant=variant)
+                                  timeout_s=min(args.ours_timeout_s, clock.left() - 5), variant=variant,
+                                  profile=profile)
             walls += [res[name]["wall_s"]] if res[name].get("rc") == 0 else []
-            _write_json(out / "results.json", res)
-        for variant in args.profile:
-            name = f"profile-{variant}"
-            if (why := too_late(walls, clock.left() - 5)) is not None:
-                res[name] = {"variant": variant, "error": why}
-                continue
-            res[name] = _ours_run(name, args=args, ctx=ctx, batch_size=args.batch_size, compile_model=args.compile,
-                                  timeout_s=min(args.ours_timeout_s, clock.left() - 5), variant=variant, profile=True)
             _write_json(out / "results.json", res)
         if args.loss_micro and clock.left() > 60:
             res["loss-micro"] = run_loss_micro(out=out, device=device, timeout_s=min(120, clock.left()))

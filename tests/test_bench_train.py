@@ -312,10 +312,11 @@ def test_a_run_that_cannot_finish_before_the_deadline_is_not_started(tmp_path, m
 
     monkeypatch.setattr(bench, "_ours_run", fake_run)
     args = bench.parse_args(["--out", str(tmp_path), "--variants", "shipped,inline,stock,fused", "--peer-steps", "0",
-                             "--deadline-s", "370", "--ours-timeout-s", "300"])
+                             "--deadline-s", "370", "--ours-timeout-s", "300", "--profile", "shipped"])
     res = bench.run_all(args)
     # 370 s: shipped (0-100), inline (100-220), stock (220-320); fused would need 120 s with 45 left
     assert [v for v, _ in started] == ["shipped", "inline", "stock"]
     assert started[0][1] == 300 and started[2][1] == pytest.approx(145)
     assert res["ours-fused"]["error"] == "skipped: 45 s left < 120 s, the slowest finished run"
+    assert res["profile-shipped"]["error"] == res["ours-fused"]["error"]  # the profiled runs after them too
     assert bench.too_late([], 10) is None and bench.too_late([50.0], 50) is None

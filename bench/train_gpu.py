@@ -394,6 +394,9 @@ VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
     # ... and inductor's multi-kernels at 2 packs per micro-batch: reductions up to 16x longer rows (the 4,096-wide
     # RMSNorm backward) also compiled persistent (one read of each row), the faster one picked by timing both
     "shippedmkbs2": None,
+    # ... and with model.persistent_norms (VARIANT_MODEL): only the reductions up to the model's width (the norms)
+    # compiled persistent, by kobllla's inductor choices instead of multi-kernel's timing of both forms
+    "persistbs2": None,
     # the shipped config at 2 (4) packs per micro-batch, with 1/2 (1/4) the accumulation: the same packs per
     # optimizer step in the same order, so the same losses (VARIANT_BATCH)
     "shippedbs2": None,
@@ -416,13 +419,15 @@ VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
 }
 VARIANT_BATCH: dict[str, int] = {"shippedbs2": 2, "shippedbs4": 4, "cudnnbs2": 2, "inlinepcbs2": 2,
                                  "cudnnfusedbs2": 2, "cudnnfastbs2": 2, "prevbs2": 2,
-                                 "shippedmkbs2": 2}
+                                 "shippedmkbs2": 2, "persistbs2": 2}
 VARIANT_ENV: dict[str, dict[str, str]] = {
     "shippedcd": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"},
     "shippedlt": {"TORCH_BLAS_PREFER_CUBLASLT": "1"},
     "shippedmkbs2": {"TORCHINDUCTOR_MULTI_KERNEL": "1"},
 }
-SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention")
+# model keys laid over the shipped config's own (variants whose VARIANTS entry is None)
+VARIANT_MODEL: dict[str, dict] = {"persistbs2": {"persistent_norms": True}}
+SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention", "persistent_norms")
 PACKED_COLLATE = "kobllla.datasets.packed_collate"  # kobllla.datasets._collate.COLLATE_PATH (that imports torch)
 VARLEN_COLLATE = "kobllla.datasets.packed_varlen_collate"  # ... .VARLEN_COLLATE_PATH
 
@@ -443,6 +448,7 @@ def apply_variant(cfg: dict, variant: str, *, tiny: bool) -> None:
     """Sets ``cfg``'s model, loss and collate to ``VARIANTS[variant]`` (in place)."""
     spec = VARIANTS[variant]
     if spec is None:
+        cfg["model"].update(VARIANT_MODEL.get(variant, {}))
         return
     component, extra, loss, collate = spec
     if tiny:  # the generic builders take the shape; kobllla.models has the same two names

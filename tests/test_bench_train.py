@@ -180,6 +180,10 @@ def test_variants_swap_only_the_model_loss_and_collate_components(tmp_path):
     cu = bench.write_recipe_config(tmp_path / "c.yaml", preset="llama3-8b", variant="cudnn", **common)
     assert cu["collate_fn"] == "kobllla.datasets.packed_varlen_collate" and cu["dataset"]["pack"] is True
     assert cu["model"] == {"_component_": "kobllla.models.lora_llama3_8b", **lora, "attention": "cudnn"}
+    pn = bench.write_recipe_config(tmp_path / "n.yaml", preset="llama3-8b", variant="persistbs2", **common)
+    assert pn["model"] == {**shipped["model"], "persistent_norms": True} and pn["loss"] == shipped["loss"]
+    assert pn["collate_fn"] == shipped["collate_fn"] and "persistent_norms" not in stock["model"]
+    assert set(bench.VARIANT_MODEL) <= set(bench.VARIANTS)
     with pytest.raises(ValueError, match=r"unknown variant 'bf16'; choose from \['cudnn', 'cudnnbs2', .*'shipped', "
                                          r".*'stock', 'stockpc'\]"):
         bench.write_recipe_config(tmp_path / "x.yaml", preset="tiny", variant="bf16", **common)

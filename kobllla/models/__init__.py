@@ -14,6 +14,9 @@
   heads without copies (``kobllla.models._cudnn_attention``); batches from
   ``collate_fn: kobllla.datasets.packed_varlen_collate``. On the CPU, torchtune's attention on the same
   (dense) mask.
+- ``persistent_norms=True``: when the model is compiled, inductor compiles the RMSNorms' row reductions
+  (forward and backward, rows of the model's width) as one pass over each row instead of two
+  (``kobllla.models._persistent``; a process-wide inductor heuristic, set when the model is built).
 - ``attention="flex_inline"``: flex attention traced into each compiled layer's graph instead of
   torchtune's separately compiled call (one graph per layer, not three; ``kobllla.models._fast``).
 
@@ -58,7 +61,8 @@ class HiddenStateDecoder(TransformerDecoder):
 
 
 def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool, fp8_output: bool = False,
-           fuse_projections: bool = False, attention: str = "flex") -> TransformerDecoder:
+           fuse_projections: bool = False, attention: str = "flex",
+           persistent_norms: bool = False) -> TransformerDecoder:
     if output not in ("logits", "hidden"):
         raise ValueError(f"model.output must be 'logits' or 'hidden', got {output!r}")
     if fp8_output and not fp8:
@@ -82,6 +86,10 @@ def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool, fp8_output: 
         from kobllla.models._fast import apply_fast_layers
 
         apply_fast_layers(model, fuse_projections=fuse_projections, attention=attention, fp8=fp8)
+    if persistent_norms:
+        from kobllla.models._persistent import use_persistent_rows
+
+        use_persistent_rows(model.tok_embeddings.embedding_dim)
     return model
 
 
@@ -98,6 +106,7 @@ def lora_llama3_8b(
     fp8_output: bool = False,
     fuse_projections: bool = False,
     attention: str = "flex",
+    persistent_norms: bool = False,
 ) -> TransformerDecoder:
     """torchtune's ``lora_llama3_8b`` with the speed options (see the module docstring).
 
@@ -110,7 +119,7 @@ def lora_llama3_8b(
     model = build(lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     return _adapt(model, output=output, fp8=fp8, fp8_output=fp8_output, fuse_projections=fuse_projections,
-                  attention=attention)
+                  attention=attention, persistent_norms=persistent_norms)
 
 
 def lora_llama3(
@@ -135,6 +144,7 @@ def lora_llama3(
     fp8_output: bool = False,
     fuse_projections: bool = False,
     attention: str = "flex",
+    persistent_norms: bool = False,
 ) -> TransformerDecoder:
     """torchtune's ``lora_llama3`` (any shape: the tiny test models) with the speed options."""
     from torchtune.models.llama3 import lora_llama3 as build
@@ -144,4 +154,4 @@ def lora_llama3(
                   max_seq_len=max_seq_len, intermediate_dim=intermediate_dim, norm_eps=norm_eps, rope_base=rope_base,
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     return _adapt(model, output=output, fp8=fp8, fp8_output=fp8_output, fuse_projections=fuse_projections,
-                  attention=attention)
+                  attention=attention, persistent_norms=persistent_norms)

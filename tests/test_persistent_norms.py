@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -30,9 +31,12 @@ def graph():
 
 @pytest.fixture
 def clean_choices():
-    before = inductor_config.inductor_choices_class
+    from torch._inductor import virtualized
+
+    before, default = inductor_config.inductor_choices_class, virtualized._choices._default
     yield
     inductor_config.inductor_choices_class = before
+    virtualized._choices._default = default
     V.set_choices_handler(InductorChoices())
 
 
@@ -75,30 +79,48 @@ def test_someone_else_s_choices_class_is_left_in_place(clean_choices, caplog):
         use_persistent_rows(0)
 
 
+def test_a_thread_started_later_gets_the_choices_too(clean_choices):
+    import threading
+
+    inductor_config.inductor_choices_class = None
+    use_persistent_rows(4096)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(V.choices))  # as the autograd thread that compiles a backward
+    t.start()
+    t.join()
+    assert isinstance(seen[0], PersistentRowChoices) and seen[0].max_row == 4096
+
+
+_KERNELS = r"""
+import json, re, sys, torch
+from torchtune.modules import RMSNorm
+from torch._inductor.utils import run_and_get_code
+if sys.argv[1] == "ours":
+    from kobllla.models._persistent import use_persistent_rows
+    use_persistent_rows(4096)
+norm = RMSNorm(4096).cuda().bfloat16().requires_grad_(False)
+x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+def f(x):
+    (norm(x).float() * torch.arange(4096, device="cuda")).sum().backward()
+    return x.grad
+grad, code = run_and_get_code(torch.compile(f), x)
+torch.save(grad.cpu(), sys.argv[2])
+print(json.dumps(re.findall(r"@triton_heuristics\.(\w+)\(\s*size_hints=\{'x': 8192, 'r0_': 4096\}", "\n".join(code))))
+"""
+
+
 @pytest.mark.gpu
-def test_the_rmsnorm_backward_compiles_persistent_on_cuda(clean_choices):
-    from torch._inductor.utils import run_and_get_code
-    from torchtune.modules import RMSNorm
+def test_the_rmsnorm_forward_and_backward_compile_persistent_on_cuda(tmp_path):
+    import json
+    import subprocess
+    import sys
 
-    norm = RMSNorm(4096).cuda().bfloat16().requires_grad_(False)
-    x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    def kernels(which: str) -> tuple[list[str], torch.Tensor]:  # a fresh process each: no thread has choices yet
+        env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}  # compiled here, not read from a cache
+        out = subprocess.run([sys.executable, "-c", _KERNELS, which, str(tmp_path / which)], check=True,
+                             capture_output=True, text=True, env=env)
+        return json.loads(out.stdout.strip().splitlines()[-1]), torch.load(tmp_path / which)
 
-    def fwd_bwd(x):
-        y = norm(x)
-        (y.float() * torch.arange(4096, device="cuda")).sum().backward()
-        return x.grad
-
-    def codes(persistent: bool) -> str:
-        inductor_config.inductor_choices_class = None
-        V.set_choices_handler(InductorChoices())
-        if persistent:
-            use_persistent_rows(4096)
-        torch._dynamo.reset()
-        x.grad = None
-        grad, code = run_and_get_code(torch.compile(fwd_bwd), x)
-        return grad, "\n".join(code)
-
-    (g0, stock), (g1, ours) = codes(False), codes(True)
-    assert "@triton_heuristics.reduction" in stock and "@triton_heuristics.persistent_reduction" in ours
-    assert "@triton_heuristics.reduction" not in ours
+    (stock, g0), (ours, g1) = kernels("stock"), kernels("ours")
+    assert stock == ["reduction", "reduction"] and ours == ["persistent_reduction", "persistent_reduction"]
     torch.testing.assert_close(g0, g1, rtol=2e-2, atol=1e-2)

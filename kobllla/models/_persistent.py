@@ -20,6 +20,7 @@ import functools
 import logging
 
 from torch._inductor import config as inductor_config
+from torch._inductor import virtualized
 from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
@@ -53,9 +54,10 @@ class PersistentRowChoices(InductorChoices):
 def use_persistent_rows(max_row: int) -> bool:
     """Makes every later inductor compile in this process use :class:`PersistentRowChoices`.
 
-    Sets ``torch._inductor.config.inductor_choices_class`` (read by each thread, including the autograd
-    thread that may compile the backward) and this thread's handler. Leaves a choices class that someone
-    else has set in place (with a warning) and returns ``False`` then.
+    Sets ``torch._inductor.config.inductor_choices_class``, this thread's handler and the handler that any
+    thread without one gets first (the autograd thread that compiles a backward). Call it before the first
+    compile in the process: a thread that already holds inductor's default handler keeps it. Leaves a
+    choices class that someone else has set in place (with a warning) and returns ``False`` then.
 
     Raises:
         ValueError: ``max_row`` is not a positive int.
@@ -70,4 +72,16 @@ def use_persistent_rows(max_row: int) -> bool:
         return False
     inductor_config.inductor_choices_class = factory
     V.set_choices_handler(factory())
+    # torch >= 2.12 keeps config overrides per thread (context variables): the autograd thread that compiles a
+    # backward would not see the line above, so a thread's first handler is made by our factory too
+    choices_var = getattr(virtualized, "_choices", None)
+    if choices_var is not None and hasattr(choices_var, "_default"):
+        choices_var._default = functools.partial(_thread_default, factory)
     return True
+
+
+def _thread_default(factory) -> InductorChoices:  # noqa: ANN001
+    """A thread's first choices handler (what ``torch._inductor.virtualized._choices_default`` does, ours)."""
+    handler = factory()
+    setattr(virtualized.threadlocal, virtualized._choices._key, handler)
+    return handler

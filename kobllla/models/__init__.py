@@ -63,6 +63,11 @@ class HiddenStateDecoder(TransformerDecoder):
 def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool, fp8_output: bool = False,
            fuse_projections: bool = False, attention: str = "flex",
            persistent_norms: bool = False) -> TransformerDecoder:
+    switches = {"fp8": fp8, "fp8_output": fp8_output, "fuse_projections": fuse_projections,
+                "persistent_norms": persistent_norms}
+    for name, value in switches.items():  # a YAML `maybe` or `1` would otherwise switch it on unnoticed
+        if not isinstance(value, bool):
+            raise ValueError(f"model.{name} must be True or False, got {value!r}")
     if output not in ("logits", "hidden"):
         raise ValueError(f"model.output must be 'logits' or 'hidden', got {output!r}")
     if fp8_output and not fp8:

@@ -75,7 +75,7 @@ def use_persistent_rows(max_row: int) -> bool:
     # torch >= 2.12 keeps config overrides per thread (context variables): the autograd thread that compiles a
     # backward would not see the line above, so a thread's first handler is made by our factory too
     choices_var = getattr(virtualized, "_choices", None)
-    if choices_var is not None and hasattr(choices_var, "_default"):
+    if all(hasattr(choices_var, a) for a in ("_default", "_key")) and hasattr(virtualized, "threadlocal"):
         choices_var._default = functools.partial(_thread_default, factory)
     return True
 

@@ -171,6 +171,28 @@ def steady_state(steps: list[dict], *, warmup: int, positions_per_step: int) -> 
     }
 
 
+def gc_by_step(passes: list[list], steps: list[dict], *, warmup: int) -> dict:
+    """The collector's passes (``bench/gc_probe.py``'s ``[generation, start, seconds, collected]``) charged to
+    the step whose interval (previous log line, this one] they started in; the measured steps' totals.
+
+    ``per_step``: ``{step: [full (gen 2) passes, their seconds, all passes' seconds]}`` for every logged step
+    after the first; ``measured``: the same summed over the steps after ``warmup``, with the longest pass.
+    """
+    rows = sorted(steps, key=lambda r: r["step"])
+    per_step: dict[int, list] = {}
+    longest = 0.0
+    for prev, cur in zip(rows, rows[1:], strict=False):
+        mine = [p for p in passes if prev["wall_time"] < p[1] <= cur["wall_time"]]
+        full = [p for p in mine if p[0] == 2]
+        per_step[cur["step"]] = [len(full), round(sum(p[2] for p in full), 4), round(sum(p[2] for p in mine), 4)]
+        if cur["step"] > warmup:
+            longest = max([longest, *(p[2] for p in mine)])
+    measured = [v for k, v in per_step.items() if k > warmup]
+    return {"per_step": per_step,
+            "measured": {"full_passes": sum(v[0] for v in measured), "full_s": round(sum(v[1] for v in measured), 4),
+                         "all_s": round(sum(v[2] for v in measured), 4), "longest_pass_s": round(longest, 4)}}
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -397,6 +419,10 @@ VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
     # ... and with model.persistent_norms (VARIANT_MODEL): only the reductions up to the model's width (the norms)
     # compiled persistent, by kobllla's inductor choices instead of multi-kernel's timing of both forms
     "persistbs2": None,
+    # ... the shipped config without persistent_norms (the code before the tenth session's change), and with
+    # model.freeze_gc: the objects alive after the first forwards frozen out of the cyclic collector's full passes
+    "flatbs2": None,
+    "gcbs2": None,
     # the shipped config at 2 (4) packs per micro-batch, with 1/2 (1/4) the accumulation: the same packs per
     # optimizer step in the same order, so the same losses (VARIANT_BATCH)
     "shippedbs2": None,
@@ -419,15 +445,16 @@ VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
 }
 VARIANT_BATCH: dict[str, int] = {"shippedbs2": 2, "shippedbs4": 4, "cudnnbs2": 2, "inlinepcbs2": 2,
                                  "cudnnfusedbs2": 2, "cudnnfastbs2": 2, "prevbs2": 2,
-                                 "shippedmkbs2": 2, "persistbs2": 2}
+                                 "shippedmkbs2": 2, "persistbs2": 2, "flatbs2": 2, "gcbs2": 2}
 VARIANT_ENV: dict[str, dict[str, str]] = {
     "shippedcd": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"},
     "shippedlt": {"TORCH_BLAS_PREFER_CUBLASLT": "1"},
     "shippedmkbs2": {"TORCHINDUCTOR_MULTI_KERNEL": "1"},
 }
 # model keys laid over the shipped config's own (variants whose VARIANTS entry is None)
-VARIANT_MODEL: dict[str, dict] = {"persistbs2": {"persistent_norms": True}}
-SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention", "persistent_norms")
+VARIANT_MODEL: dict[str, dict] = {"persistbs2": {"persistent_norms": True}, "flatbs2": {"persistent_norms": False},
+                                  "gcbs2": {"freeze_gc": True}}
+SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention", "persistent_norms", "freeze_gc")
 PACKED_COLLATE = "kobllla.datasets.packed_collate"  # kobllla.datasets._collate.COLLATE_PATH (that imports torch)
 VARLEN_COLLATE = "kobllla.datasets.packed_varlen_collate"  # ... .VARLEN_COLLATE_PATH
 
@@ -532,7 +559,9 @@ def run_ours(*, cfg_path: Path, run_dir: Path, log_path: Path, warmup: int, posi
              timeout_s: float, env: dict[str, str] | None = None, prev: bool = False) -> dict:
     """``tune run lora_finetune_single_device --config cfg_path`` (with ``env`` added to the process's
     environment); figures from its metric log."""
-    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "lora_finetune_single_device", "--config", str(cfg_path)]
+    gc_path = run_dir / "gc_passes.json"  # every cyclic-GC pass of the run, timed (bench/gc_probe.py)
+    cmd = [sys.executable, str(REPO / "bench" / "gc_probe.py"), str(gc_path), "torchtune._cli.tune", "run",
+           "lora_finetune_single_device", "--config", str(cfg_path)]
     extra = dict(env or {})
     env = {**os.environ, **extra}
     if prev:  # kobllla from PREV_DIR: first on the path, and not the working directory's (-P)
@@ -552,6 +581,10 @@ def run_ours(*, cfg_path: Path, run_dir: Path, log_path: Path, warmup: int, posi
     steps = [r for r in rows if "tokens_per_second_per_gpu" in r]
     first = min(steps, key=lambda r: r["step"])
     result.update(steady_state(steps, warmup=warmup, positions_per_step=positions_per_step))
+    if gc_path.is_file():
+        probe = json.loads(gc_path.read_text(encoding="utf-8"))
+        result["gc"] = {"python": probe["python"].split()[0], "frozen_at_exit": probe["frozen_at_exit"],
+                        **gc_by_step(probe["passes"], steps, warmup=warmup)}
     result.update({
         "steps": steps,
         "import_to_logger_s": created - launched,

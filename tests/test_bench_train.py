@@ -9,7 +9,9 @@ to ``tune run``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -90,6 +92,28 @@ def test_steady_state_skips_warmup_and_weights_steps_by_their_time():
     assert got["useful_tokens_per_s_median_step"] == 750.0
     with pytest.raises(ValueError, match=r"need more than warmup \+ 1 = 3 logged steps, got 3: raise --steps"):
         bench.steady_state(rows, warmup=2, positions_per_step=1000)
+
+
+def test_gc_passes_are_charged_to_the_step_they_started_in():
+    rows = [{"step": k, "wall_time": 100.0 + 2 * k} for k in (1, 2, 3, 4)]  # steps 2-4 end at 104, 106, 108
+    passes = [[2, 101.0, 0.3, 9], [0, 103.0, 0.001, 0], [2, 105.5, 0.2, 5], [1, 105.6, 0.01, 1], [0, 108.0, 0.002, 0],
+              [2, 109.0, 0.5, 0]]  # the first in step 1 (not logged as a step), the last after the run
+    got = bench.gc_by_step(passes, rows, warmup=2)
+    assert got["per_step"] == {2: [0, 0.0, 0.001], 3: [1, 0.2, 0.21], 4: [0, 0.0, 0.002]}
+    assert got["measured"] == {"full_passes": 1, "full_s": 0.2, "all_s": 0.212, "longest_pass_s": 0.2}
+
+
+def test_gc_probe_runs_the_module_as_python_m_and_times_every_pass(tmp_path):
+    out = tmp_path / "gc.json"
+    prog = "import gc, sys; gc.collect(); gc.collect(1); print(sys.argv[1:], __name__)"
+    (tmp_path / "probe_target.py").write_text(prog, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gc_probe.py"), str(out), "probe_target", "a", "-b"],
+                          cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "['a', '-b'] __main__"
+    got = json.loads(out.read_text(encoding="utf-8"))
+    gens = [p[0] for p in got["passes"]]
+    assert 2 in gens and 1 in gens[gens.index(2) + 1:] and all(p[2] >= 0 for p in got["passes"])
+    assert got["python"] == sys.version
 
 
 def test_wall_clock_logger_writes_tensors_as_numbers_and_parses_back(tmp_path):

@@ -191,6 +191,8 @@ def test_bad_fast_options_are_refused_with_the_fix():
         models.lora_llama3(["q_proj"], **SHAPE, fp8_output=True)
     with pytest.raises(ValueError, match=r"^model.persistent_norms must be True or False, got 'maybe'$"):
         models.lora_llama3(["q_proj"], **SHAPE, persistent_norms="maybe")
+    with pytest.raises(ValueError, match=r"^model.freeze_gc must be True or False, got 'yes'$"):
+        models.lora_llama3(["q_proj"], **SHAPE, freeze_gc="yes")
     with pytest.raises(ValueError, match=r"^model.fp8 must be True or False, got 1$"):
         models.lora_llama3(["q_proj"], **SHAPE, fp8=1)
     with pytest.raises(ValueError, match=r"model.fp8_output needs output: logits"):

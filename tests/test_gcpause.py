@@ -56,3 +56,48 @@ def test_heavy_imports_freeze_once_and_only_for_a_command(fresh):
     with gcpause.heavy_imports():
         pass
     assert gc.get_freeze_count() == 0 and garbage
+
+
+class _Cycle:  # weak-referenceable, and kept alive only by the cycle it is part of
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_freeze_gc_freezes_at_the_doubling_forward_calls_after_collecting_and_leaves_the_collector_on(fresh):
+    import weakref
+
+    import torch
+
+    from kobllla.models import lora_llama3
+
+    gc.enable()
+    model = lora_llama3(["q_proj"], vocab_size=64, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=16,
+                        max_seq_len=32, lora_rank=2, lora_alpha=4, freeze_gc=True)
+    hook = next(iter(model._forward_pre_hooks.values()))
+    state = hook.__wrapped__ if hasattr(hook, "__wrapped__") else hook
+    tokens = torch.randint(0, 64, (1, 8))
+    garbage = weakref.ref(_Cycle())  # cyclic garbage made before the first freeze: collected, not frozen
+    model(tokens)
+    assert garbage() is None and gc.get_freeze_count() > 0 and gc.isenabled()
+    freezes = []
+    for _ in range(8):  # calls 2..9: freezes at 2, 4 and 8 only
+        keep = [[] for _ in range(10)]  # something alive at the next freeze
+        model(tokens)
+        freezes.append(state.freezes)
+        assert gc.get_freeze_count() >= len(keep)
+    assert freezes == [2, 2, 3, 3, 3, 3, 4, 4] and state.calls == 9
+    later = weakref.ref(_Cycle())  # the collector still collects what comes after
+    gc.collect()
+    assert later() is None
+    with pytest.raises(ValueError, match="last must be a positive int, got 0"):
+        gcpause.FreezeWhileWarming(0)
+
+
+def test_freeze_gc_stops_after_last():
+    hook = gcpause.FreezeWhileWarming(last=2)
+    try:
+        for _ in range(5):
+            hook(None, ())
+        assert hook.freezes == 2 and hook.calls == 5
+    finally:
+        gc.unfreeze()

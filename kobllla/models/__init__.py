@@ -17,6 +17,10 @@
 - ``persistent_norms=True``: when the model is compiled, inductor compiles the RMSNorms' row reductions
   (forward and backward, rows of the model's width) as one pass over each row instead of two
   (``kobllla.models._persistent``; a process-wide inductor heuristic, set when the model is built).
+- ``freeze_gc=True``: the Python objects alive after the first forward passes (model, optimizer,
+  compiled graphs) are frozen out of the cyclic collector's full passes, which otherwise stall the
+  GPU's launches for 0.1-0.2 s now and then (``kobllla.gcpause.FreezeWhileWarming``; the collector stays
+  on for later garbage).
 - ``attention="flex_inline"``: flex attention traced into each compiled layer's graph instead of
   torchtune's separately compiled call (one graph per layer, not three; ``kobllla.models._fast``).
 
@@ -62,9 +66,9 @@ class HiddenStateDecoder(TransformerDecoder):
 
 def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool, fp8_output: bool = False,
            fuse_projections: bool = False, attention: str = "flex",
-           persistent_norms: bool = False) -> TransformerDecoder:
+           persistent_norms: bool = False, freeze_gc: bool = False) -> TransformerDecoder:
     switches = {"fp8": fp8, "fp8_output": fp8_output, "fuse_projections": fuse_projections,
-                "persistent_norms": persistent_norms}
+                "persistent_norms": persistent_norms, "freeze_gc": freeze_gc}
     for name, value in switches.items():  # a YAML `maybe` or `1` would otherwise switch it on unnoticed
         if not isinstance(value, bool):
             raise ValueError(f"model.{name} must be True or False, got {value!r}")
@@ -95,6 +99,10 @@ def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool, fp8_output: 
         from kobllla.models._persistent import use_persistent_rows
 
         use_persistent_rows(model.tok_embeddings.embedding_dim)
+    if freeze_gc:
+        from kobllla.gcpause import freeze_while_warming
+
+        freeze_while_warming(model)
     return model
 
 
@@ -112,6 +120,7 @@ def lora_llama3_8b(
     fuse_projections: bool = False,
     attention: str = "flex",
     persistent_norms: bool = False,
+    freeze_gc: bool = False,
 ) -> TransformerDecoder:
     """torchtune's ``lora_llama3_8b`` with the speed options (see the module docstring).
 
@@ -124,7 +133,7 @@ def lora_llama3_8b(
     model = build(lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     return _adapt(model, output=output, fp8=fp8, fp8_output=fp8_output, fuse_projections=fuse_projections,
-                  attention=attention, persistent_norms=persistent_norms)
+                  attention=attention, persistent_norms=persistent_norms, freeze_gc=freeze_gc)
 
 
 def lora_llama3(
@@ -150,6 +159,7 @@ def lora_llama3(
     fuse_projections: bool = False,
     attention: str = "flex",
     persistent_norms: bool = False,
+    freeze_gc: bool = False,
 ) -> TransformerDecoder:
     """torchtune's ``lora_llama3`` (any shape: the tiny test models) with the speed options."""
     from torchtune.models.llama3 import lora_llama3 as build
@@ -159,4 +169,4 @@ def lora_llama3(
                   max_seq_len=max_seq_len, intermediate_dim=intermediate_dim, norm_eps=norm_eps, rope_base=rope_base,
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     return _adapt(model, output=output, fp8=fp8, fp8_output=fp8_output, fuse_projections=fuse_projections,
-                  attention=attention, persistent_norms=persistent_norms)
+                  attention=attention, persistent_norms=persistent_norms, freeze_gc=freeze_gc)

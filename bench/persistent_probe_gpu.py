@@ -47,11 +47,13 @@ for i, src in enumerate(code):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
+    p.add_argument("--which", default="stock,ours", help="comma-separated: stock, ours")
+    p.add_argument("--cases", default="test,linear", help="comma-separated: test, linear")
     args = p.parse_args(argv)
     env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
     rows = []
-    for case in ("test", "linear"):
-        for which in ("stock", "ours"):
+    for case in args.cases.split(","):
+        for which in args.which.split(","):
             done = subprocess.run([sys.executable, "-c", _CHILD, which, case], capture_output=True, text=True, env=env)
             if done.returncode:
                 rows.append({"which": which, "case": case, "error": done.stderr.strip().splitlines()[-3:]})

@@ -21,7 +21,7 @@ _CHILD = r"""
 import json, re, sys, torch
 from torchtune.modules import RMSNorm
 from torch._inductor.utils import run_and_get_code
-which, case = sys.argv[1], sys.argv[2]
+which, case, grad_path = sys.argv[1], sys.argv[2], sys.argv[3]
 if which == "ours":
     from kobllla.models._persistent import use_persistent_rows
     use_persistent_rows(4096)
@@ -35,6 +35,8 @@ def f(x):
         (norm(x) @ w.t()).float().square().sum().backward()
     return x.grad
 grad, code = run_and_get_code(torch.compile(f), x)
+if grad_path:
+    torch.save(grad.cpu(), grad_path)
 pat = re.compile(r"@triton_heuristics\.(\w+)\(\s*size_hints=(\{[^}]*\}),\s*(?:reduction_hint=(ReductionHint\.\w+))?")
 for i, src in enumerate(code):
     for kind, hints, rhint in pat.findall(src):
@@ -49,21 +51,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--which", default="stock,ours", help="comma-separated: stock, ours")
     p.add_argument("--cases", default="test,linear", help="comma-separated: test, linear")
+    p.add_argument("--grads", default=None, help="a folder: each case's input gradient saved there as WHICH-CASE.pt")
     args = p.parse_args(argv)
-    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
-    rows = []
-    for case in args.cases.split(","):
-        for which in args.which.split(","):
-            done = subprocess.run([sys.executable, "-c", _CHILD, which, case], capture_output=True, text=True, env=env)
-            if done.returncode:
-                rows.append({"which": which, "case": case, "error": done.stderr.strip().splitlines()[-3:]})
-            rows += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    rows = probe(args.which.split(","), args.cases.split(","), grads=args.grads)
     for row in rows:
         print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
-    return 0
+    return 1 if any("error" in row for row in rows) else 0
+
+
+def probe(which: list[str], cases: list[str], *, grads: str | None = None) -> list[dict]:
+    """The kernels' rows (see the module docstring); a case whose process failed gives ``error``, its last lines."""
+    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    rows = []
+    for case in cases:
+        for one in which:
+            grad = os.path.join(grads, f"{one}-{case}.pt") if grads else ""
+            done = subprocess.run([sys.executable, "-c", _CHILD, one, case, grad], capture_output=True, text=True,
+                                  env=env)
+            if done.returncode:
+                rows.append({"which": one, "case": case, "error": done.stderr.strip().splitlines()[-3:]})
+            rows += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return rows
 
 
 if __name__ == "__main__":

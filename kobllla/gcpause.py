@@ -13,9 +13,10 @@ freezes at most once, at its first heavy import, before any model of its own exi
 (a notebook evaluating several models) only gets the pause.
 
 Training has the same heap: a compiled 8B model, its optimizer and compiled graphs are ~0.5 M long-lived
-objects, and a full pass over them stalls the GPU's kernel launches for 0.1-0.2 s every few dozen optimizer
-steps. :class:`FreezeWhileWarming` (the model builders' ``freeze_gc`` option) freezes them after the
-first forward passes, where compiling has built them, and leaves the collector on for what comes after.
+objects, and a full pass over them stalled the GPU's kernel launches for 0.40 s in one of 30 stage-1 steps
+on an H100 (docs/benchmarks.md, "eleventh session"). :class:`FreezeWhileWarming` (the model builders'
+``freeze_gc`` option) freezes them after the first forward passes, where compiling has built them, and
+leaves the collector on for what comes after.
 """
 
 from __future__ import annotations

@@ -15,12 +15,13 @@
   ``collate_fn: kobllla.datasets.packed_varlen_collate``. On the CPU, torchtune's attention on the same
   (dense) mask.
 - ``persistent_norms=True``: when the model is compiled, inductor compiles the RMSNorms' row reductions
-  (forward and backward, rows of the model's width) as one pass over each row instead of two
-  (``kobllla.models._persistent``; a process-wide inductor heuristic, set when the model is built).
+  (rows of the model's width) as one pass over each row instead of two (``kobllla.models._persistent``; a
+  process-wide inductor heuristic, set when the model is built). Seen on a GPU for the forward; whether
+  the backward's reductions follow is not yet checked there (docs/benchmarks.md, "eleventh session").
 - ``freeze_gc=True``: the Python objects alive after the first forward passes (model, optimizer,
   compiled graphs) are frozen out of the cyclic collector's full passes, which otherwise stall the
-  GPU's launches for 0.1-0.2 s now and then (``kobllla.gcpause.FreezeWhileWarming``; the collector stays
-  on for later garbage).
+  GPU's launches now and then: 0.40 s once in 30 stage-1 steps on an H100
+  (``kobllla.gcpause.FreezeWhileWarming``; the collector stays on for later garbage).
 - ``attention="flex_inline"``: flex attention traced into each compiled layer's graph instead of
   torchtune's separately compiled call (one graph per layer, not three; ``kobllla.models._fast``).
 

@@ -24,7 +24,8 @@ class PackedDocuments(dict):
       end to end (a pack's padding is one more document, as in torchtune's packs), with ``n`` rounded
       up to a power of two by empty documents at the end, so a run sees few shapes;
     - ``max_seqlen``: a zero-element ``[m, 0]`` tensor whose length ``m`` is the longest document
-      rounded up to a multiple of :data:`MAX_SEQLEN_STEP`: a shape the model reads without a host sync.
+      rounded up to a power of two (at least :data:`MAX_SEQLEN_MIN`, at most the pack's length): a shape
+      the model reads without a host sync.
     """
 
     @classmethod
@@ -50,7 +51,11 @@ class PackedDocuments(dict):
         return (doc[:, :, None] == doc[:, None, :]) & causal
 
 
-MAX_SEQLEN_STEP = 128  # the cuDNN graphs' sequence dimension: the longest document rounded up to this
+# The cuDNN graphs' sequence dimension: the longest document rounded up to a power of two, at least this.
+# A multiple of 128 (the rounding until the twelfth session) gave 41 shapes in the 8B benchmark's first 30
+# steps, each a graph build that stalls the GPU; powers of two give 6, for the same kernel time
+# (docs/benchmarks.md, "twelfth session").
+MAX_SEQLEN_MIN = 128
 
 
 def packed_documents(seq_lens: list, seq_len: int, device: torch.device | str = "cpu") -> PackedDocuments:
@@ -64,7 +69,7 @@ def packed_documents(seq_lens: list, seq_len: int, device: torch.device | str = 
     cu = np.zeros(n + 1, dtype=np.int32)
     cu[1:len(lengths) + 1] = np.cumsum(lengths)
     cu[len(lengths) + 1:] = cu[len(lengths)]
-    max_seqlen = min(-(-int(lengths.max()) // MAX_SEQLEN_STEP) * MAX_SEQLEN_STEP, seq_len)
+    max_seqlen = min(max(MAX_SEQLEN_MIN, 1 << (int(lengths.max()) - 1).bit_length()), seq_len)
     return PackedDocuments.build(to_device(torch.from_numpy(cu), torch.device(device)), max_seqlen)
 
 

@@ -20,7 +20,7 @@ from kobllla import models
 from kobllla.datasets import packed_collate, packed_varlen_collate
 from kobllla.datasets._collate import packed_block_mask
 from kobllla.models._cudnn_attention import varlen_mask
-from kobllla.packed_documents import MAX_SEQLEN_STEP, PackedDocuments, packed_documents
+from kobllla.packed_documents import MAX_SEQLEN_MIN, PackedDocuments, packed_documents
 from tests.conftest import REPO
 from tests.test_losses import _recipe_losses
 from tests.test_packed_collate import _packs, _random_seq_lens
@@ -48,7 +48,8 @@ def test_the_offsets_give_torchtunes_dense_mask_and_tensors(seq):
             assert cu[:len(flat) + 1] == [0, *torch.tensor(flat).cumsum(0).tolist()]
             assert cu[len(flat):] == [batch * seq] * (n - len(flat) + 1)
             assert max(flat) <= docs.max_seqlen <= max(max(flat), seq)
-            assert docs.max_seqlen % MAX_SEQLEN_STEP == 0 or docs.max_seqlen == seq
+            m = docs.max_seqlen
+            assert m == seq or (m & (m - 1) == 0 and m >= MAX_SEQLEN_MIN and m < 2 * max(*flat, MAX_SEQLEN_MIN))
 
 
 def test_the_recipes_plumbing_keeps_the_documents():

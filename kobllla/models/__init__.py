@@ -22,6 +22,10 @@
   compiled graphs) are frozen out of the cyclic collector's full passes, which otherwise stall the
   GPU's launches now and then: 0.40 s once in 30 stage-1 steps on an H100
   (``kobllla.gcpause.FreezeWhileWarming``; the collector stays on for later garbage).
+- ``fused_rope=True``: the rotary position embedding of q and k as one vectorized Triton kernel each
+  (forward and backward), with q's adapter output added inside it (``kobllla.models._rope``); torchtune's
+  RoPE compiles to kernels that move their bytes at half the rate of the step's other elementwise ones.
+  The same arithmetic as torchtune's (fp32, one rounding); on the CPU it runs in torch.
 - ``attention="flex_inline"``: flex attention traced into each compiled layer's graph instead of
   torchtune's separately compiled call (one graph per layer, not three; ``kobllla.models._fast``).
 
@@ -67,9 +71,9 @@ class HiddenStateDecoder(TransformerDecoder):
 
 def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool, fp8_output: bool = False,
            fuse_projections: bool = False, attention: str = "flex",
-           persistent_norms: bool = False, freeze_gc: bool = False) -> TransformerDecoder:
+           persistent_norms: bool = False, freeze_gc: bool = False, fused_rope: bool = False) -> TransformerDecoder:
     switches = {"fp8": fp8, "fp8_output": fp8_output, "fuse_projections": fuse_projections,
-                "persistent_norms": persistent_norms, "freeze_gc": freeze_gc}
+                "persistent_norms": persistent_norms, "freeze_gc": freeze_gc, "fused_rope": fused_rope}
     for name, value in switches.items():  # a YAML `maybe` or `1` would otherwise switch it on unnoticed
         if not isinstance(value, bool):
             raise ValueError(f"model.{name} must be True or False, got {value!r}")
@@ -92,10 +96,11 @@ def _adapt(model: TransformerDecoder, *, output: Output, fp8: bool, fp8_output: 
         from kobllla.models._fp8 import convert_frozen_linears_to_fp8
 
         convert_frozen_linears_to_fp8(model, skip=() if fp8_output else ("output",))
-    if fuse_projections or attention != "flex":
+    if fuse_projections or attention != "flex" or fused_rope:
         from kobllla.models._fast import apply_fast_layers
 
-        apply_fast_layers(model, fuse_projections=fuse_projections, attention=attention, fp8=fp8)
+        apply_fast_layers(model, fuse_projections=fuse_projections, attention=attention, fp8=fp8,
+                          fused_rope=fused_rope)
     if persistent_norms:
         from kobllla.models._persistent import use_persistent_rows
 
@@ -122,6 +127,7 @@ def lora_llama3_8b(
     attention: str = "flex",
     persistent_norms: bool = False,
     freeze_gc: bool = False,
+    fused_rope: bool = False,
 ) -> TransformerDecoder:
     """torchtune's ``lora_llama3_8b`` with the speed options (see the module docstring).
 
@@ -134,7 +140,8 @@ def lora_llama3_8b(
     model = build(lora_attn_modules, apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     return _adapt(model, output=output, fp8=fp8, fp8_output=fp8_output, fuse_projections=fuse_projections,
-                  attention=attention, persistent_norms=persistent_norms, freeze_gc=freeze_gc)
+                  attention=attention, persistent_norms=persistent_norms, freeze_gc=freeze_gc,
+                  fused_rope=fused_rope)
 
 
 def lora_llama3(
@@ -161,6 +168,7 @@ def lora_llama3(
     attention: str = "flex",
     persistent_norms: bool = False,
     freeze_gc: bool = False,
+    fused_rope: bool = False,
 ) -> TransformerDecoder:
     """torchtune's ``lora_llama3`` (any shape: the tiny test models) with the speed options."""
     from torchtune.models.llama3 import lora_llama3 as build
@@ -170,4 +178,5 @@ def lora_llama3(
                   max_seq_len=max_seq_len, intermediate_dim=intermediate_dim, norm_eps=norm_eps, rope_base=rope_base,
                   lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     return _adapt(model, output=output, fp8=fp8, fp8_output=fp8_output, fuse_projections=fuse_projections,
-                  attention=attention, persistent_norms=persistent_norms, freeze_gc=freeze_gc)
+                  attention=attention, persistent_norms=persistent_norms, freeze_gc=freeze_gc,
+                  fused_rope=fused_rope)

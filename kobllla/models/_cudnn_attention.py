@@ -10,8 +10,8 @@ The kernels come through the cudnn-frontend Python package (``nvidia-cudnn-front
 dependency), which builds a cuDNN graph per shape: one forward and one backward graph (~0.1 s each,
 at first use) per ``(documents in the batch, longest document, tokens, heads, head_dim)``.
 :class:`kobllla.packed_documents.PackedDocuments` rounds the number of documents up to a power of
-two (the extra documents are empty) and the longest document up to a multiple of 128, so at seq 4096
-a run builds at most 13 x 32 graph pairs whatever its data (the kernel time does not depend on the
+two (the extra documents are empty) and the longest document up to a power of two (at least 128), so at
+seq 4096 a run builds at most 13 x 6 graph pairs whatever its data (the kernel time does not depend on the
 rounding: docs/benchmarks.md).
 
 The two ops are ``torch.library`` custom ops with fake implementations, so a compiled layer traces

@@ -46,6 +46,7 @@ from torchtune.modules.peft import LoRALinear
 
 from kobllla.models._cudnn_attention import VarlenMask, varlen_mask
 from kobllla.models._cudnn_attention import attention as cudnn_attention
+from kobllla.models._rope import rope, rope_supported
 from kobllla.packed_documents import PackedDocuments
 
 Attention = Literal["flex", "flex_inline", "cudnn"]
@@ -97,7 +98,10 @@ def _lora_deltas(modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor
 
 def _with_deltas(bases: list[torch.Tensor], modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """``bases`` (the frozen outputs of ``modules`` on ``x``) plus each module's adapter output, if any."""
-    deltas = _lora_deltas(modules, x)
+    return _add(bases, _lora_deltas(modules, x))
+
+
+def _add(bases: list[torch.Tensor], deltas: list[torch.Tensor | None]) -> list[torch.Tensor]:
     return [base if delta is None else base + delta for base, delta in zip(bases, deltas, strict=True)]
 
 
@@ -157,6 +161,7 @@ class FastAttention(_FusedGroup, MultiHeadAttention):
     """torchtune's ``MultiHeadAttention`` with fused q/k/v and/or in-graph flex attention (module docstring)."""
 
     _fuse = False
+    _fused_rope = False
     _attention: Attention = "flex"
 
     def _fused_members(self) -> list[nn.Module]:
@@ -173,17 +178,24 @@ class FastAttention(_FusedGroup, MultiHeadAttention):
         hd, nh, nkv = self.head_dim, self.num_heads, self.num_kv_heads
         projs = [self.q_proj, self.k_proj, self.v_proj]
         if self._fuse and _frozen(*projs):
-            q, k, v = _with_deltas(list(self._fused_matmul(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)), projs, x)
+            bases = list(self._fused_matmul(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1))
+            deltas = _lora_deltas(projs, x)
         elif all(map(_plain_base, projs)) and sum(map(_groupable, projs)) >= 2:
-            q, k, v = _with_deltas([F.linear(x, p.weight, p.bias) for p in projs], projs, x)
+            bases, deltas = [F.linear(x, p.weight, p.bias) for p in projs], _lora_deltas(projs, x)
         else:
-            q, k, v = (p(x) for p in projs)
-        q = q.reshape(b, s, nh, hd)
-        k = k.reshape(b, s, nkv, hd)
-        v = v.reshape(b, s, nkv, hd)
-        if self.pos_embeddings is not None:
-            q = self.pos_embeddings(q, input_pos=input_pos)
-            k = self.pos_embeddings(k, input_pos=input_pos)
+            bases, deltas = [p(x) for p in projs], [None] * 3
+        shapes = [(b, s, nh, hd), (b, s, nkv, hd), (b, s, nkv, hd)]
+        if self._fused_rope and self.pos_embeddings is not None:  # the adapters' outputs added inside the rotation
+            (qb, kb, _), (dq, dk, _) = ([t if t is None else t.reshape(shp) for t, shp in zip(ts, shapes, strict=True)]
+                                        for ts in (bases, deltas))
+            cache = self.pos_embeddings.cache
+            q, k = rope(qb, cache, input_pos, dq), rope(kb, cache, input_pos, dk)
+            v = _add(bases[2:], deltas[2:])[0].reshape(shapes[2])
+        else:
+            q, k, v = (t.reshape(shp) for t, shp in zip(_add(bases, deltas), shapes, strict=True))
+            if self.pos_embeddings is not None:
+                q = self.pos_embeddings(q, input_pos=input_pos)
+                k = self.pos_embeddings(k, input_pos=input_pos)
         if isinstance(mask, VarlenMask):  # attention: cudnn, packs as [tokens, heads, dim], GQA as it is
             if self.training and self.attn_dropout > 0.0:
                 raise ValueError("attention: cudnn does not support dropout; set attn_dropout to 0.0")
@@ -220,12 +232,14 @@ class FusedFeedForward(_FusedGroup, FeedForward):
         return self.w2(self.activation(gate) * up)
 
 
-def apply_fast_layers(model: nn.Module, *, fuse_projections: bool, attention: Attention, fp8: bool) -> None:
+def apply_fast_layers(model: nn.Module, *, fuse_projections: bool, attention: Attention, fp8: bool,
+                      fused_rope: bool = False) -> None:
     """Swaps the model's attention and MLP modules for the classes above, in place.
 
     Raises:
         ValueError: an unknown ``attention``; ``fuse_projections`` on an MLP without an up projection
-            or with biases or NF4 bases.
+            or with biases or NF4 bases; ``fused_rope`` on a layer whose position embedding is not
+            torchtune's RoPE.
     """
     if attention not in ATTENTIONS:
         raise ValueError(f"model.attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
@@ -235,9 +249,12 @@ def apply_fast_layers(model: nn.Module, *, fuse_projections: bool, attention: At
         heads = dict(num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim)
         model.register_forward_pre_hook(functools.partial(_documents_to_mask, heads=heads), with_kwargs=True)
     for name, module in model.named_modules():
-        if isinstance(module, MultiHeadAttention) and (fuse_projections or attention != "flex"):
+        if isinstance(module, MultiHeadAttention) and (fuse_projections or attention != "flex" or fused_rope):
+            if fused_rope and module.pos_embeddings is not None and (why := rope_supported(module.pos_embeddings)):
+                raise ValueError(f"model.fused_rope: {name}: {why}; set fused_rope: False")
             module.__class__ = FastAttention
             module._attention = attention
+            module._fused_rope = fused_rope
             if fuse_projections:
                 _check_fusable(name, module._fused_members())
                 module._fuse = True

@@ -4,7 +4,9 @@
 
 Each case compiles in a fresh process (no thread has inductor choices yet; caches off) and prints one JSON
 line per kernel with a row of the model's width (4,096): its heuristic (``reduction``: the row read in a
-loop, twice; ``persistent_reduction``: read once), size hints and reduction hint. Cases: ``test`` (the GPU
+loop, twice; ``persistent_reduction``: read once), size hints and reduction hint, and one line (``decision``)
+per time inductor asked whether a reduction should be persistent: the class that answered, the reduction
+hint, the sizes, the answer and the thread that asked. Cases: ``test`` (the GPU
 test's graph: the norm's output weighted and summed) and ``linear`` (as in a layer: the norm feeds a frozen
 projection, so its backward sums that projection's input gradient along the row). GPU only.
 """
@@ -22,6 +24,23 @@ import json, re, sys, torch
 from torchtune.modules import RMSNorm
 from torch._inductor.utils import run_and_get_code
 which, case, grad_path = sys.argv[1], sys.argv[2], sys.argv[3]
+import threading
+from torch._inductor.choices import InductorChoices
+from kobllla.models._persistent import PersistentRowChoices
+def _logged(cls, attr):  # every persistence decision inductor asks for, printed as a JSON line
+    orig = cls.__dict__[attr]
+    fn = orig.__func__ if isinstance(orig, staticmethod) else orig
+    def logged(*a):
+        r = fn(*a)
+        feat = a[-2]
+        print(json.dumps({"decision": cls.__name__, "which": which, "case": case,
+                          "hint": str(feat.get_reduction_hint()), "numel": str(feat.numel),
+                          "rnumel": str(feat.reduction_numel), "persistent": bool(r),
+                          "thread": threading.current_thread().name}), flush=True)
+        return r
+    setattr(cls, attr, staticmethod(logged) if isinstance(orig, staticmethod) else logged)
+_logged(InductorChoices, "should_use_persistent_reduction")
+_logged(PersistentRowChoices, "should_use_persistent_reduction")
 if which == "ours":
     from kobllla.models._persistent import use_persistent_rows
     use_persistent_rows(4096)

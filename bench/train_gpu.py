@@ -423,8 +423,8 @@ VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
     # model.freeze_gc: the objects alive after the first forwards frozen out of the cyclic collector's full passes
     "flatbs2": None,
     "gcbs2": None,
-    # ... without model.fused_rope (torchtune's RoPE, compiled by inductor; the code before the twelfth session)
-    "ropelessbs2": None,
+    # ... with model.fused_rope: q's and k's RoPE as one Triton kernel each, q's adapter output added inside
+    "ropebs2": None,
     # the shipped config at 2 (4) packs per micro-batch, with 1/2 (1/4) the accumulation: the same packs per
     # optimizer step in the same order, so the same losses (VARIANT_BATCH)
     "shippedbs2": None,
@@ -448,7 +448,7 @@ VARIANTS: dict[str, tuple[str, dict, str, str] | None] = {
 VARIANT_BATCH: dict[str, int] = {"shippedbs2": 2, "shippedbs4": 4, "cudnnbs2": 2, "inlinepcbs2": 2,
                                  "cudnnfusedbs2": 2, "cudnnfastbs2": 2, "prevbs2": 2,
                                  "shippedmkbs2": 2, "persistbs2": 2, "flatbs2": 2, "gcbs2": 2,
-                                 "ropelessbs2": 2}
+                                 "ropebs2": 2}
 VARIANT_ENV: dict[str, dict[str, str]] = {
     "shippedcd": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"},
     "shippedlt": {"TORCH_BLAS_PREFER_CUBLASLT": "1"},
@@ -456,7 +456,7 @@ VARIANT_ENV: dict[str, dict[str, str]] = {
 }
 # model keys laid over the shipped config's own (variants whose VARIANTS entry is None)
 VARIANT_MODEL: dict[str, dict] = {"persistbs2": {"persistent_norms": True}, "flatbs2": {"persistent_norms": False},
-                                  "gcbs2": {"freeze_gc": True}, "ropelessbs2": {"fused_rope": False}}
+                                  "gcbs2": {"freeze_gc": True}, "ropebs2": {"fused_rope": True}}
 SPEED_KEYS = ("output", "fp8", "fp8_output", "fuse_projections", "attention", "persistent_norms", "freeze_gc",
               "fused_rope")
 PACKED_COLLATE = "kobllla.datasets.packed_collate"  # kobllla.datasets._collate.COLLATE_PATH (that imports torch)

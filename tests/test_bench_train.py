@@ -207,6 +207,8 @@ def test_variants_swap_only_the_model_loss_and_collate_components(tmp_path):
     pn = bench.write_recipe_config(tmp_path / "n.yaml", preset="llama3-8b", variant="persistbs2", **common)
     assert pn["model"] == {**shipped["model"], "persistent_norms": True} and pn["loss"] == shipped["loss"]
     assert pn["collate_fn"] == shipped["collate_fn"] and "persistent_norms" not in stock["model"]
+    rope = bench.write_recipe_config(tmp_path / "r.yaml", preset="llama3-8b", variant="ropebs2", **common)
+    assert shipped["model"]["fused_rope"] is False and rope["model"] == {**shipped["model"], "fused_rope": True}
     assert set(bench.VARIANT_MODEL) <= set(bench.VARIANTS)
     with pytest.raises(ValueError, match=r"unknown variant 'bf16'; choose from \['cudnn', 'cudnnbs2', .*'shipped', "
                                          r".*'stock', 'stockpc'\]"):

@@ -112,7 +112,8 @@ _INTERPRETED = textwrap.dedent("""
     from kobllla.models._rope import _rope_torch, _rope_triton
     torch.manual_seed(0)
     worst = 0.0
-    for heads, dim, delta, inverse in [(4, 16, True, False), (3, 8, False, True), (8, 128, True, True), (32, 128, True, False)]:
+    cases = [(4, 16, True, False), (3, 8, False, True), (8, 128, True, True), (32, 128, True, False)]
+    for heads, dim, delta, inverse in cases:
         rp = RotaryPositionalEmbeddings(dim, max_seq_len=64, base=500_000)
         x = torch.randn(2, 24, heads, dim)
         d = torch.randn_like(x) if delta else None
@@ -147,3 +148,27 @@ def test_triton_kernel_on_the_gpu_equals_the_torch_arithmetic_in_bf16():
             mismatch = (got != want).float().mean().item()
             assert (got.float() - want.float()).abs().max().item() <= 2 ** -6 * want.float().abs().max().item()
             assert mismatch < 1e-3, mismatch  # fused multiply-adds may round a product pair differently
+
+
+@pytest.mark.integration  # two real `tune run`s of the shipped stage-1 config at the tiny shape (~30 CPU-s)
+def test_fused_rope_through_the_stock_recipe_trains_the_same(tmp_path, tiny_base):
+    from omegaconf import OmegaConf
+
+    from bench.train_gpu import parse_metric_log, write_recipe_config
+
+    files = sorted(p.name for p in tiny_base.glob("*.safetensors"))
+    losses = {}
+    for fused in (True, False):
+        run = tmp_path / str(fused)
+        cfg = write_recipe_config(run / "c.yaml", model_dir=tiny_base, files=files,
+                                  csv_path=ROOT / "tests/assets/kowiki_tiny.csv", run_dir=run, preset="tiny",
+                                  seq_len=64, batch_size=2, steps=4, compile_model=False, device="cpu", dtype="fp32")
+        cfg["model"]["fused_rope"] = fused
+        (run / "c.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)), encoding="utf-8")
+        proc = subprocess.run([sys.executable, "-m", "torchtune._cli.tune", "run", "lora_finetune_single_device",
+                               "--config", str(run / "c.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = parse_metric_log(next((run / "logs").glob("log_*.txt")).read_text(encoding="utf-8"))
+        losses[fused] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses[True]) >= 2
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6, abs=0)

@@ -25,7 +25,8 @@
 - ``fused_rope=True``: the rotary position embedding of q and k as one vectorized Triton kernel each
   (forward and backward), with q's adapter output added inside it (``kobllla.models._rope``); torchtune's
   RoPE compiles to kernels that move their bytes at half the rate of the step's other elementwise ones.
-  The same arithmetic as torchtune's (fp32, one rounding); on the CPU it runs in torch.
+  The same arithmetic as torchtune's (fp32, one rounding); on the CPU it runs in torch. Not yet run on a
+  GPU (docs/benchmarks.md, "twelfth session"), so no config sets it.
 - ``attention="flex_inline"``: flex attention traced into each compiled layer's graph instead of
   torchtune's separately compiled call (one graph per layer, not three; ``kobllla.models._fast``).
 

@@ -106,33 +106,17 @@ def test_freeze_gc_stops_after_last():
 @pytest.mark.integration  # two real `tune run`s of the shipped stage-1 config at the tiny shape (~30 CPU-s)
 def test_the_shipped_config_s_freeze_gc_reaches_the_recipe_and_changes_no_loss(tmp_path, tiny_base):
     import json
-    import subprocess
     import sys
-    from pathlib import Path
 
-    from omegaconf import OmegaConf
+    from tests._tiny_recipe import ROOT, tiny_stage1_losses
 
-    repo = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(repo))
-    from bench.train_gpu import parse_metric_log, write_recipe_config
-
-    files = sorted(p.name for p in tiny_base.glob("*.safetensors"))
     got = {}
     for freeze in (True, False):
         run = tmp_path / str(freeze)
-        cfg = write_recipe_config(run / "c.yaml", model_dir=tiny_base, files=files,
-                                  csv_path=repo / "tests/assets/kowiki_tiny.csv", run_dir=run, preset="tiny",
-                                  seq_len=64, batch_size=2, steps=4, compile_model=False, device="cpu", dtype="fp32")
-        assert cfg["model"]["freeze_gc"] is True  # the shipped config's
-        cfg["model"]["freeze_gc"] = freeze
-        (run / "c.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)), encoding="utf-8")
-        cmd = [sys.executable, str(repo / "bench" / "gc_probe.py"), str(run / "gc.json"), "torchtune._cli.tune",
-               "run", "lora_finetune_single_device", "--config", str(run / "c.yaml")]  # in this process: probed
-        proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        rows = parse_metric_log(next((run / "logs").glob("log_*.txt")).read_text(encoding="utf-8"))
-        probe = json.loads((run / "gc.json").read_text(encoding="utf-8"))
-        got[freeze] = ([r["loss"] for r in rows if "loss" in r], probe["frozen_at_exit"])
+        probe = [sys.executable, str(ROOT / "bench" / "gc_probe.py"), str(run / "gc.json"), "torchtune._cli.tune"]
+        shipped, losses = tiny_stage1_losses(run, tiny_base, model={"freeze_gc": freeze}, launcher=probe)
+        assert shipped["model"]["freeze_gc"] is True  # the shipped config's
+        got[freeze] = (losses, json.loads((run / "gc.json").read_text(encoding="utf-8"))["frozen_at_exit"])
     (losses, frozen), (plain_losses, plain_frozen) = got[True], got[False]
     assert len(losses) >= 2 and losses == plain_losses
     assert frozen > 100_000 and plain_frozen < frozen  # the imports' own freezes aside, ours froze the recipe's heap

@@ -65,9 +65,12 @@ def test_a_sequence_longer_than_the_cache_is_refused():
         rope(x, rp.cache, None)
 
 
-@pytest.mark.parametrize("ours", [dict(fused_rope=True), dict(fused_rope=True, fuse_projections=True),
-                                  dict(fused_rope=True, attention="cudnn")])
-@pytest.mark.parametrize("packed", [True, False])
+_PLAIN, _FUSED, _CUDNN = dict(fused_rope=True), dict(fused_rope=True, fuse_projections=True), \
+    dict(fused_rope=True, attention="cudnn")
+
+
+@pytest.mark.parametrize(("ours", "packed"), [(_PLAIN, True), (_PLAIN, False), (_FUSED, True), (_FUSED, False),
+                                              (_CUDNN, True)])  # attention: cudnn takes packed batches only
 def test_layers_with_fused_rope_match_torchtune_in_output_and_every_adapter_gradient(ours, packed):
     """LoRA on q, k, v and the output projection: q's and k's adapter outputs go through the rotation."""
     ref, mine = _pair(**ours)
@@ -80,8 +83,6 @@ def test_layers_with_fused_rope_match_torchtune_in_output_and_every_adapter_grad
             kw["mask"] = packed_documents([[10, 15, 7], [20, 4, 8]], 32)
         tokens = batch["tokens"]
     else:
-        if ours.get("attention") == "cudnn":
-            pytest.skip("attention: cudnn takes packed batches")
         kw, tokens = {}, torch.randint(0, SHAPE["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(2))
     want, want_grads = _step(ref, tokens, **(dict(mask=batch["mask"], input_pos=batch["input_pos"]) if packed else {}))
     got, got_grads = _step(mine, tokens, **kw)

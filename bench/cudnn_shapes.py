@@ -24,20 +24,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def shape_keys(lengths: list[int], seq_len: int, rounding: str) -> tuple[int, int]:
     """``(documents rounded up to a power of two, longest document rounded)`` of one micro-batch."""
+    from kobllla.packed_documents import graph_seqlen
+
     longest = max(lengths)
     if rounding == "multiple128":
         bound = min(-(-longest // 128) * 128, seq_len)
     else:
-        from kobllla.packed_documents import MAX_SEQLEN_MIN
-
-        bound = min(max(MAX_SEQLEN_MIN, _pow2(longest)), seq_len)
-    return _pow2(len(lengths)), bound
+        bound = graph_seqlen(longest, seq_len)
+    return 1 << (len(lengths) - 1).bit_length(), bound
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,12 +65,22 @@ def packed_documents(seq_lens: list, seq_len: int, device: torch.device | str = 
         ValueError: a pack whose lengths are not positive or do not sum to ``seq_len``.
     """
     lengths = np.concatenate(pack_lengths(seq_lens, seq_len))
-    n = 1 << (len(lengths) - 1).bit_length()
+    n = _next_pow2(len(lengths))
     cu = np.zeros(n + 1, dtype=np.int32)
     cu[1:len(lengths) + 1] = np.cumsum(lengths)
     cu[len(lengths) + 1:] = cu[len(lengths)]
-    max_seqlen = min(max(MAX_SEQLEN_MIN, 1 << (int(lengths.max()) - 1).bit_length()), seq_len)
-    return PackedDocuments.build(to_device(torch.from_numpy(cu), torch.device(device)), max_seqlen)
+    return PackedDocuments.build(to_device(torch.from_numpy(cu), torch.device(device)),
+                                 graph_seqlen(int(lengths.max()), seq_len))
+
+
+def graph_seqlen(longest: int, seq_len: int) -> int:
+    """The cuDNN graphs' sequence dimension for a batch whose longest document has ``longest`` tokens: that
+    rounded up to a power of two, at least :data:`MAX_SEQLEN_MIN`, at most the pack's ``seq_len``."""
+    return min(max(MAX_SEQLEN_MIN, _next_pow2(longest)), seq_len)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def pack_lengths(seq_lens: list, seq_len: int) -> list[np.ndarray]:

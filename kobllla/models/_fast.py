@@ -185,14 +185,14 @@ class FastAttention(_FusedGroup, MultiHeadAttention):
         else:
             bases, deltas = [p(x) for p in projs], [None] * 3
         shapes = [(b, s, nh, hd), (b, s, nkv, hd), (b, s, nkv, hd)]
+        bases, deltas = ([None if t is None else t.reshape(shp) for t, shp in zip(ts, shapes, strict=True)]
+                         for ts in (bases, deltas))
         if self._fused_rope and self.pos_embeddings is not None:  # the adapters' outputs added inside the rotation
-            (qb, kb, _), (dq, dk, _) = ([t if t is None else t.reshape(shp) for t, shp in zip(ts, shapes, strict=True)]
-                                        for ts in (bases, deltas))
             cache = self.pos_embeddings.cache
-            q, k = rope(qb, cache, input_pos, dq), rope(kb, cache, input_pos, dk)
-            v = _add(bases[2:], deltas[2:])[0].reshape(shapes[2])
+            q, k = (rope(base, cache, input_pos, delta) for base, delta in zip(bases[:2], deltas[:2], strict=True))
+            v = _add(bases[2:], deltas[2:])[0]
         else:
-            q, k, v = (t.reshape(shp) for t, shp in zip(_add(bases, deltas), shapes, strict=True))
+            q, k, v = _add(bases, deltas)
             if self.pos_embeddings is not None:
                 q = self.pos_embeddings(q, input_pos=input_pos)
                 k = self.pos_embeddings(k, input_pos=input_pos)

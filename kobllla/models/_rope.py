@@ -65,7 +65,7 @@ def rope(x: torch.Tensor, cache: torch.Tensor, input_pos: torch.Tensor | None,
     b, s = x.shape[:2]
     if s > cache.shape[0]:
         raise ValueError(f"fused_rope: sequence of {s} tokens, longer than the RoPE cache's {cache.shape[0]} "
-                         "positions (the model's max_seq_len)")
+                         "positions (the model's max_seq_len): lower tokenizer.max_seq_len to at most that")
     pos = (torch.arange(s, device=x.device).expand(b, s) if input_pos is None else input_pos)
     return _rope(x, delta, pos.reshape(b, s), cache, False)
 

@@ -213,7 +213,6 @@ def _reference(q, k, v, dout, lens):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_kernel_matches_an_fp32_reference_eager_and_compiled():
     from kobllla.models._cudnn_attention import attention
 
